@@ -1,0 +1,921 @@
+"""pairserver: a live pair-programming server in one module.
+
+Two or twenty people open the same room, type in the same file at the same
+time and see each other's edits, cursors and runs. The server is the single
+authority over each room's text: every update is rebased over the updates it
+did not see, so no keystroke is lost and every screen ends with the same text.
+The contract it serves (REST routes, WebSocket messages, offsets in UTF-16
+code units, error shapes) is SPEC.md.
+
+Run it::
+
+    python pairserver.py --port 8765          # prints its URL and admin token
+
+Embed it::
+
+    app = pairserver.create_app(max_clients=20)
+    room = app[pairserver.ROOMS].create(code="print('hello')\\n")
+    web.run_app(app)                          # or parent.add_subapp("/pair", app)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import aiohttp_cors
+from aiohttp import WSCloseCode, WSMsgType, web
+
+log = logging.getLogger("pairserver")
+
+
+# ---------------------------------------------------------------------------
+# Configuration: every limit is a create_app() option and a command-line flag
+# ---------------------------------------------------------------------------
+
+def _option(default: Any, help: str) -> Any:
+    """A Config field whose help text is also its --flag's help."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    """Everything create_app() accepts; main() turns each field into a flag."""
+
+    admin_token: str = _option(
+        "", "bearer token for /admin (default: $PAIRSERVER_ADMIN_TOKEN, else random, printed at start)")
+    cors_origin: tuple[str, ...] = _option(
+        ("*",), "origin allowed to call the API from a browser; repeat for several")
+    max_code: int = _option(1_000_000, "largest room text, in UTF-16 code units")
+    max_message: int = _option(4 << 20, "largest WebSocket message or request body, in bytes")
+    max_rooms: int = _option(1000, "most rooms at once")
+    max_clients: int = _option(50, "most connected clients in one room")
+    history: int = _option(500, "updates kept per room for rebasing stale updates")
+    send_queue: int = _option(
+        4 << 20, "bytes queued for one slow socket before it is dropped")
+    heartbeat: float = _option(30.0, "seconds between pings that find dead peers")
+    static_dir: str = _option(
+        str(Path(__file__).with_name("static")), "folder holding the demo page, index.html")
+
+
+#: Close codes of the SPEC, and ours for a socket that stopped reading.
+CLOSE_REPLACED, CLOSE_BAD_CLIENT, CLOSE_NO_ROOM, CLOSE_FULL = 4000, 4400, 4404, 4429
+CLOSE_TOO_SLOW = 4008
+
+_CLIENT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+_LANGUAGE = re.compile(r"[a-z0-9+#_-]{1,32}\Z")
+
+
+def _now() -> str:
+    """The current time as an ISO 8601 UTC string."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _dumps(obj: Any) -> str:
+    """Encode JSON compactly. ensure_ascii stays on: it writes the surrogate
+    pairs of our UTF-16 text as the \\ud83d\\ude00 escapes JSON means by them."""
+    return json.dumps(obj, separators=(",", ":"))
+
+
+class PairError(Exception):
+    """A refusal with a machine-readable code; HTTP answers it with `status`,
+    a WebSocket with an `error` message."""
+
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, status
+
+
+_REQUIRED = object()
+
+
+def _get(obj: dict, key: str, kind: type | tuple, default: Any = _REQUIRED,
+         code: str = "bad_request") -> Any:
+    """obj[key], checked to be a `kind` (bool is not an int here)."""
+    value = obj.get(key, default)
+    if value is _REQUIRED:
+        raise PairError(code, f"'{key}' is required")
+    if value is not default and (not isinstance(value, kind) or
+                                 (isinstance(value, bool) and bool not in _tuple(kind))):
+        names = "/".join(k.__name__ for k in _tuple(kind))
+        raise PairError(code, f"'{key}' must be of type {names}")
+    return value
+
+
+def _tuple(kind: type | tuple) -> tuple:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+# ---------------------------------------------------------------------------
+# Text in UTF-16 code units: to_units, from_units, splits_pair
+# ---------------------------------------------------------------------------
+# Clients count offsets in UTF-16 code units. Rather than convert every offset,
+# a room keeps its text *as* UTF-16 code units: a Python str in which each
+# character above U+FFFF is stored as its two surrogates. Then every index,
+# slice and len() is already in the clients' units.
+
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+_LONE = re.compile("[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]")
+
+
+def _pair(match: re.Match) -> str:
+    c = ord(match.group()) - 0x10000
+    return chr(0xD800 + (c >> 10)) + chr(0xDC00 + (c & 0x3FF))
+
+
+def to_units(s: str) -> str:
+    """Write s with surrogate pairs for astral characters, so len() counts UTF-16 units."""
+    return s if s.isascii() else _ASTRAL.sub(_pair, s)
+
+
+def from_units(s: str) -> str:
+    """The ordinary str for text held in UTF-16 units."""
+    return s if s.isascii() else s.encode("utf-16-le", "surrogatepass").decode("utf-16-le")
+
+
+def splits_pair(text: str, i: int) -> bool:
+    """True if position i falls between the two halves of a surrogate pair."""
+    return 0 < i < len(text) and "\ud800" <= text[i - 1] <= "\udbff" and "\udc00" <= text[i] <= "\udfff"
+
+
+# ---------------------------------------------------------------------------
+# Operations: compose, transform, apply, invert, and the SPEC's change lists
+# ---------------------------------------------------------------------------
+# An operation walks a whole text from start to end, as in ot.js: an int n > 0
+# keeps n units, an int n < 0 deletes -n units, a str inserts itself.
+# Transforming one operation over another keeps every insert of both: a delete
+# consumes only characters of the text both were based on, so text inserted
+# concurrently inside a deleted range survives. Of two inserts at one place,
+# the one applied first stays first.
+
+Op = list  # of int | str components, as above
+
+
+def _push(op: Op, c: int | str) -> None:
+    """Append component c, merging it with a last component of its kind and
+    keeping an insert before a delete at the same place."""
+    if not c:
+        return
+    if op and isinstance(c, str) and isinstance(op[-1], int) and op[-1] < 0:
+        deleted = op.pop()
+        _push(op, c)
+        op.append(deleted)
+    elif op and type(op[-1]) is type(c) and (isinstance(c, str) or (op[-1] > 0) == (c > 0)):
+        op[-1] += c
+    else:
+        op.append(c)
+
+
+def _shrink(c: int | str, n: int) -> int | str:
+    """What is left of component c after its first n units."""
+    return c[n:] if isinstance(c, str) else (c - n if c > 0 else c + n)
+
+
+def _span(c: int | str) -> int:
+    return len(c) if isinstance(c, str) else abs(c)
+
+
+def compose(a: Op, b: Op) -> Op:
+    """One operation doing a, then b (b is based on a's result)."""
+    out: Op = []
+    ia, ib = iter(a), iter(b)
+    x, y = next(ia, None), next(ib, None)
+    while x is not None or y is not None:
+        if isinstance(x, int) and x < 0:           # a's deletes stay
+            _push(out, x)
+            x = next(ia, None)
+        elif isinstance(y, str):                    # b's inserts stay
+            _push(out, y)
+            y = next(ib, None)
+        else:
+            assert x is not None and y is not None, "operation lengths differ"
+            n = min(_span(x), _span(y))
+            if y > 0:                               # b keeps what a kept or inserted
+                _push(out, x[:n] if isinstance(x, str) else n)
+            elif isinstance(x, int):                # b deletes what a kept
+                _push(out, -n)
+            x, y = _shrink(x, n) or next(ia, None), _shrink(y, n) or next(ib, None)
+    return out
+
+
+def transform(a: Op, b: Op) -> Op:
+    """Rebase a over b, both based on the same text: the a' to apply after b."""
+    out: Op = []
+    ia, ib = iter(a), iter(b)
+    x, y = next(ia, None), next(ib, None)
+    while x is not None or y is not None:
+        if isinstance(y, str):                      # b's insert goes first, a keeps it
+            _push(out, len(y))
+            y = next(ib, None)
+        elif isinstance(x, str):
+            _push(out, x)
+            x = next(ia, None)
+        else:
+            assert x is not None and y is not None, "operation lengths differ"
+            n = min(abs(x), abs(y))
+            if y > 0:                               # a's keep or delete of text b kept
+                _push(out, n if x > 0 else -n)
+            x, y = _shrink(x, n) or next(ia, None), _shrink(y, n) or next(ib, None)
+    return out
+
+
+def apply(text: str, op: Op) -> tuple[str, list[str]]:
+    """The text after op, and the pieces op deleted (to invert it later)."""
+    parts, deleted, i = [], [], 0
+    for c in op:
+        if isinstance(c, str):
+            parts.append(c)
+        elif c > 0:
+            parts.append(text[i:i + c])
+            i += c
+        else:
+            deleted.append(text[i:i - c])
+            i -= c
+    parts.append(text[i:])
+    return "".join(parts), deleted
+
+
+def invert(op: Op, deleted: list[str]) -> Op:
+    """The operation that undoes op, given the pieces op deleted."""
+    out: Op = []
+    pieces = iter(deleted)
+    for c in op:
+        _push(out, -len(c) if isinstance(c, str) else c if c > 0 else next(pieces))
+    return out
+
+
+def changes_to_op(changes: list, length: int) -> Op:
+    """One operation for a SPEC change list, each change against the text the
+    previous one left; raises PairError for a malformed one."""
+    op: Op = [length] if length else []
+    for change in changes:
+        if not isinstance(change, dict):
+            raise PairError("bad_change", "each change must be an object")
+        start, end = _get(change, "from", int, code="bad_change"), _get(change, "to", int, code="bad_change")
+        insert = to_units(_get(change, "insert", str, "", code="bad_change"))
+        if not 0 <= start <= end <= length:
+            raise PairError("bad_change", f"change {start}..{end} is outside the text (length {length})")
+        step: Op = []
+        for c in (start, insert, start - end, length - end):
+            _push(step, c)
+        op = compose(op, step)
+        length += len(insert) - (end - start)
+    return op
+
+
+def diff_to_op(old: str, new: str) -> Op:
+    """The one change from old to new: keep the common prefix and suffix,
+    replace the middle (a finer diff could match unrelated text and then
+    duplicate or drop concurrent edits)."""
+    prefix = _common_prefix(old, new)
+    prefix -= splits_pair(old, prefix)              # never cut a surrogate pair
+    suffix = _common_prefix(old[prefix:][::-1], new[prefix:][::-1])
+    suffix -= splits_pair(old, len(old) - suffix)
+    op: Op = []
+    for c in (prefix, new[prefix:len(new) - suffix], prefix + suffix - len(old), suffix):
+        _push(op, c)
+    return op
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the common prefix, by bisection so the comparing runs in C."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def op_to_changes(op: Op) -> list[dict]:
+    """The SPEC change list for op: each change against the text the previous left."""
+    changes: list[dict] = []
+    pos = 0  # where the next component applies, in the text changed so far
+    for c in op:
+        if isinstance(c, str):
+            changes.append({"from": pos, "to": pos, "insert": c})
+            pos += len(c)
+        elif c > 0:
+            pos += c
+        elif changes and changes[-1]["to"] == changes[-1]["from"] == pos - len(changes[-1]["insert"]):
+            changes[-1]["to"] -= c                  # the delete right after an insert: one change
+        else:
+            changes.append({"from": pos, "to": pos - c, "insert": ""})
+    return changes
+
+
+def map_position(op: Op, pos: int) -> int:
+    """Where position pos of the old text ends up after op."""
+    old = new = 0
+    for c in op:
+        if isinstance(c, str):
+            new += len(c)
+        elif old + abs(c) > pos:
+            return new + (pos - old if c > 0 else 0)
+        else:
+            old, new = old + abs(c), new + max(c, 0)
+    return new + pos - old
+
+
+def _check_boundaries(text: str, op: Op) -> None:
+    """Refuse an op that would cut a surrogate pair or insert half of one."""
+    i = 0
+    for c in op:
+        if isinstance(c, str):
+            if _LONE.search(c):
+                raise PairError("bad_change", "inserted text holds half of a surrogate pair")
+        else:
+            i += abs(c)
+        if splits_pair(text, i):
+            raise PairError("bad_change", f"position {i} is inside a surrogate pair")
+
+
+# ---------------------------------------------------------------------------
+# Rooms: Room holds one text and its history, Rooms is the registry
+# ---------------------------------------------------------------------------
+
+class Stale(Exception):
+    """An update based on a version older than the history kept."""
+
+
+@dataclass
+class Client:
+    """One connected socket of a room, with its bounded outgoing queue."""
+
+    id: str
+    name: str
+    ws: web.WebSocketResponse | None = None
+    transport: asyncio.Transport | None = None
+    full: bool = False                 #: wants the whole text in every code_update
+    cursor: dict | None = None
+    backlog: deque = field(default_factory=deque)
+    backlog_bytes: int = 0
+    writer: asyncio.Task | None = None
+    send_queue: int = 4 << 20
+
+    def send(self, data: str) -> None:
+        """Queue one message; a socket that falls too far behind is dropped
+        (it can reconnect and get `init`) so it stalls nobody else."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.backlog and self.backlog_bytes + len(data) > self.send_queue:
+            log.warning("client %s reads too slowly; dropping it", self.id)
+            self.backlog.clear()
+            self.transport.abort()  # a close frame would wait behind the backlog
+            return
+        self.backlog.append(data)
+        self.backlog_bytes += len(data)
+        if self.writer is None:
+            self.writer = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        try:
+            while self.backlog and not self.ws.closed:
+                await self.ws.send_str(self.backlog[0])
+                self.backlog_bytes -= len(self.backlog.popleft())
+        except ConnectionError:
+            pass  # the peer went away; its handler cleans up
+        finally:
+            self.writer = None
+
+    def describe(self) -> dict:
+        return {"clientId": self.id, "name": self.name}
+
+
+@dataclass(eq=False)
+class Room:
+    """One shared text, its version, recent history, and who is connected.
+
+    Pure state: apply_update() and friends do no I/O, so they are tested
+    directly; the WebSocket layer sends what they return."""
+
+    id: str
+    language: str = "python"
+    text: str = ""                     #: in UTF-16 code units, see to_units()
+    version: int = 0
+    max_code: int = 1_000_000
+    history_size: int = 500
+    #: (op, deleted pieces) of the last updates, version - len(history) + 1 .. version
+    history: deque = field(default_factory=deque)
+    history_units: int = 0
+    clients: dict[str, Client] = field(default_factory=dict)
+    execution: dict = field(default_factory=lambda: {"running": False, "clientId": None})
+    created_at: str = field(default_factory=_now)
+    updated_at: str = field(default_factory=_now)
+
+    @property
+    def code(self) -> str:
+        """The text as an ordinary Python str."""
+        return from_units(self.text)
+
+    def __repr__(self) -> str:
+        return f"<Room {self.id} {self.language} v{self.version} clients={len(self.clients)}>"
+
+    def text_at(self, version: int) -> str:
+        """The text as it was at a version still in the history."""
+        text, back = self.text, self.version - version
+        if not 0 <= back <= len(self.history):
+            raise Stale(version)
+        for op, deleted in list(self.history)[len(self.history) - back:][::-1]:
+            text = apply(text, invert(op, deleted))[0]
+        return text
+
+    def apply_update(self, version: int | None, changes: list | None = None,
+                     code: str | None = None) -> list[dict]:
+        """Apply a change list or a whole text based on `version` (None: the
+        current one) and return the changes as applied to the current text.
+        Raises PairError for a malformed update, Stale for one too old to rebase."""
+        version = self.version if version is None else version
+        if version > self.version or version < 0:
+            raise PairError("bad_version", f"version {version} is not one of this room's (now {self.version})")
+        behind = self.version - version
+        if behind > len(self.history):
+            raise Stale(version)
+        if code is not None:
+            op = diff_to_op(self.text_at(version), to_units(code))
+        else:
+            length = len(self.text) - sum(_growth(op) for op, _ in list(self.history)[len(self.history) - behind:])
+            op = changes_to_op(changes, length)
+        for past, _ in list(self.history)[len(self.history) - behind:]:
+            op = transform(op, past)
+        _check_boundaries(self.text, op)
+        if len(self.text) + _growth(op) > self.max_code:
+            raise PairError("too_large", f"the text would exceed {self.max_code} UTF-16 code units")
+        self.text, deleted = apply(self.text, op)
+        self._remember(op, deleted)
+        for client in self.clients.values():
+            if client.cursor:
+                client.cursor = {k: map_position(op, v) if isinstance(v, int) else v
+                                 for k, v in client.cursor.items()}
+        return op_to_changes(op)
+
+    def _remember(self, op: Op, deleted: list[str]) -> None:
+        """Record op in the bounded history, which also holds at most a few
+        texts' worth of units so that huge pastes cannot pile up."""
+        self.version += 1
+        self.updated_at = _now()
+        self.history.append((op, deleted))
+        self.history_units += _weight(op, deleted)
+        while len(self.history) > self.history_size or (
+                self.history_units > 4 * self.max_code and len(self.history) > 1):
+            self.history_units -= _weight(*self.history.popleft())
+
+    def set_cursor(self, client: Client, position: int, selection_end: int | None) -> dict:
+        """Store a client's cursor, clamped into the text."""
+        clamp = lambda p: min(max(p, 0), len(self.text))  # noqa: E731
+        client.cursor = {"position": clamp(position),
+                         "selectionEnd": None if selection_end is None else clamp(selection_end)}
+        return client.cursor
+
+    def describe(self) -> dict:
+        """The room as GET /rooms/{roomId} shows it."""
+        return {"roomId": self.id, "language": self.language, "code": self.text,
+                "version": self.version, "clients": [c.describe() for c in self.clients.values()],
+                "createdAt": self.created_at, "updatedAt": self.updated_at,
+                "execution": dict(self.execution)}
+
+
+def _growth(op: Op) -> int:
+    """How many units op adds to a text's length (negative if it shrinks it)."""
+    return sum(len(c) if isinstance(c, str) else min(c, 0) for c in op)
+
+
+def _weight(op: Op, deleted: list[str]) -> int:
+    return sum(len(c) for c in op if isinstance(c, str)) + sum(map(len, deleted))
+
+
+class Rooms:
+    """The registry of rooms: a dict by id, plus the limits every room gets.
+
+    This is also the Python API for scripts that embed the server:
+    ``rooms.create(code=...)``, ``rooms.get(id)``, ``list(rooms)``,
+    ``await rooms.delete(id)``."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._rooms: dict[str, Room] = {}
+        self._tasks: set[asyncio.Task] = set()  # held here so that they are not collected
+
+    def __repr__(self) -> str:
+        return f"<Rooms {len(self._rooms)} rooms, {self.connections} connections>"
+
+    def __iter__(self):
+        return iter(list(self._rooms.values()))
+
+    def __len__(self) -> int:
+        return len(self._rooms)
+
+    @property
+    def connections(self) -> int:
+        return sum(len(room.clients) for room in self._rooms.values())
+
+    def spawn(self, coro) -> None:
+        """Run coro in the background, keeping a reference until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def create(self, language: str = "python", code: str = "") -> Room:
+        """Make a room with an unguessable id (128 random bits)."""
+        if len(self._rooms) >= self.config.max_rooms:
+            raise PairError("too_many_rooms", f"this server holds at most {self.config.max_rooms} rooms", 429)
+        if not _LANGUAGE.match(language):
+            raise PairError("bad_request", "'language' must be a short lowercase name such as 'python'")
+        text = to_units(code)
+        if len(text) > self.config.max_code:
+            raise PairError("too_large", f"code exceeds {self.config.max_code} UTF-16 code units", 413)
+        if _LONE.search(text):
+            raise PairError("bad_request", "code holds half of a surrogate pair")
+        room = Room(secrets.token_urlsafe(16), language, text, max_code=self.config.max_code,
+                    history_size=self.config.history)
+        self._rooms[room.id] = room
+        log.info("room %s created (%s, %d units)", room.id, language, len(text))
+        return room
+
+    def get(self, room_id: str) -> Room | None:
+        """The room with this id, or None."""
+        return self._rooms.get(room_id)
+
+    async def delete(self, room_id: str) -> bool:
+        """Remove a room and close its sockets with 4404; False if unknown."""
+        room = self._rooms.pop(room_id, None)
+        if room is None:
+            return False
+        await _close_all(room.clients.values(), CLOSE_NO_ROOM, b"room deleted")
+        log.info("room %s deleted", room_id)
+        return True
+
+
+async def _close_all(clients, code: int, message: bytes) -> None:
+    """Close the sockets of a copy of `clients` at once."""
+    await asyncio.gather(*(c.ws.close(code=code, message=message) for c in list(clients) if c.ws))
+
+
+# ---------------------------------------------------------------------------
+# Autocomplete and execution: their routes are in place; issues 3 and 4 fill them
+# ---------------------------------------------------------------------------
+
+def _not_yet(feature: str) -> PairError:
+    return PairError("not_implemented", f"{feature} is not available in this version yet", 501)
+
+
+# ---------------------------------------------------------------------------
+# HTTP handlers and the one JSON error path
+# ---------------------------------------------------------------------------
+
+ROOMS = web.AppKey("rooms", Rooms)
+CONFIG = web.AppKey("config", Config)
+STARTED = web.AppKey("started", float)
+
+
+def error_response(status: int, code: str, message: str, **headers: str) -> web.Response:
+    """The SPEC's error shape: {"error": {"code", "message"}}."""
+    return web.json_response({"error": {"code": code, "message": message}},
+                             status=status, headers=headers)
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               413: "too_large", 429: "too_busy"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """Answer every failure as JSON with its status; log the unexpected."""
+    try:
+        return await handler(request)
+    except PairError as e:
+        headers = {"Retry-After": "60"} if e.status == 429 else {}
+        return error_response(e.status, e.code, e.message, **headers)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = _HTTP_CODES.get(e.status, "http_error")
+        return error_response(e.status, code, e.reason, **{
+            k: v for k, v in e.headers.items() if k in ("Allow", "Retry-After")})
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        log.exception("unexpected error answering %s %s", request.method, request.path)
+        return error_response(500, "internal", "the server failed; the error is logged")
+
+
+async def _json_body(request: web.Request, optional: bool = False) -> dict:
+    """The request's JSON object body; {} for an absent optional one."""
+    raw = await request.read()  # over client_max_size: 413 through the middleware
+    if optional and not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise PairError("bad_json", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise PairError("bad_json", "the body must be a JSON object")
+    return body
+
+
+def _room(request: web.Request) -> Room:
+    room = request.app[ROOMS].get(request.match_info["roomId"])
+    if room is None:
+        raise PairError("room_not_found", "no room has this id", 404)
+    return room
+
+
+def _require_admin(request: web.Request) -> None:
+    token = request.app[CONFIG].admin_token
+    given = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise PairError("unauthorized", "send 'Authorization: Bearer <admin token>'", 401)
+
+
+async def create_room(request: web.Request) -> web.Response:
+    """POST /rooms {language?, code?} -> 201 {roomId, language, code, version}"""
+    body = await _json_body(request, optional=True)
+    room = request.app[ROOMS].create(_get(body, "language", str, "python"), _get(body, "code", str, ""))
+    return web.json_response({"roomId": room.id, "language": room.language, "code": room.text,
+                              "version": room.version}, status=201, dumps=_dumps)
+
+
+async def get_room(request: web.Request) -> web.Response:
+    """GET /rooms/{roomId} -> the room, its clients and its execution state."""
+    return web.json_response(_room(request).describe(), dumps=_dumps)
+
+
+async def autocomplete(request: web.Request) -> web.Response:
+    """POST /autocomplete {code, cursorPosition, language} -> suggestions."""
+    raise _not_yet("autocomplete")
+
+
+async def execute(request: web.Request) -> web.Response:
+    """POST /execute {code, language?, stdin?, timeout?} -> the run's result."""
+    raise _not_yet("code execution")
+
+
+async def languages(request: web.Request) -> web.Response:
+    """GET /languages -> what this machine can run."""
+    raise _not_yet("code execution")
+
+
+async def health(request: web.Request) -> web.Response:
+    """GET /health -> {status, rooms, connections, uptimeSeconds}"""
+    rooms = request.app[ROOMS]
+    return web.json_response({"status": "ok", "rooms": len(rooms), "connections": rooms.connections,
+                              "uptimeSeconds": round(time.monotonic() - request.app[STARTED], 3)})
+
+
+async def admin_rooms(request: web.Request) -> web.Response:
+    """GET /admin/rooms -> every room, without its text."""
+    _require_admin(request)
+    return web.json_response({"rooms": [
+        {"roomId": r.id, "language": r.language, "version": r.version, "clients": len(r.clients),
+         "codeLength": len(r.text), "createdAt": r.created_at, "updatedAt": r.updated_at}
+        for r in request.app[ROOMS]]})
+
+
+async def admin_delete_room(request: web.Request) -> web.Response:
+    """DELETE /admin/rooms/{roomId} -> 204; the room's sockets close with 4404."""
+    _require_admin(request)
+    if not await request.app[ROOMS].delete(request.match_info["roomId"]):
+        raise PairError("room_not_found", "no room has this id", 404)
+    return web.Response(status=204)
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    """GET / -> the demo page."""
+    page = Path(request.app[CONFIG].static_dir, "index.html")
+    if not page.is_file():
+        raise PairError("not_found", "the demo page is not shipped with this server", 404)
+    return web.FileResponse(page)
+
+
+# ---------------------------------------------------------------------------
+# WebSocket: /ws/{roomId}/{clientId}
+# ---------------------------------------------------------------------------
+
+def _message(type: str, **fields: Any) -> str:
+    return _dumps({"type": type, **fields})
+
+
+def _broadcast(room: Room, data: str, skip: Client | None = None) -> None:
+    """Send one encoded message to the room's sockets: encoded once, not per socket."""
+    for client in list(room.clients.values()):
+        if client is not skip:
+            client.send(data)
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    """Join a room: init, then one JSON message per frame until the socket closes."""
+    config, rooms = request.app[CONFIG], request.app[ROOMS]
+    room_id, client_id = request.match_info["roomId"], request.match_info["clientId"]
+    ws = web.WebSocketResponse(heartbeat=config.heartbeat or None, max_msg_size=config.max_message,
+                               compress=False)  # per-socket compression would undo encode-once
+    await ws.prepare(request)  # accept first, then close with a code a browser can see
+    room = rooms.get(room_id)
+    if not _CLIENT_ID.match(client_id):
+        await ws.close(code=CLOSE_BAD_CLIENT, message=b"clientId: 1-64 of A-Z a-z 0-9 _ . -")
+        return ws
+    if room is None:
+        await ws.close(code=CLOSE_NO_ROOM, message=b"room not found")
+        return ws
+    old = room.clients.get(client_id)
+    if old is None and len(room.clients) >= config.max_clients:
+        await ws.close(code=CLOSE_FULL, message=b"room is full")
+        return ws
+
+    name = request.query.get("name", "")[:64] or client_id
+    client = Client(client_id, name, ws, request.transport, request.query.get("full") in ("1", "true"),
+                    send_queue=config.send_queue)
+    room.clients[client_id] = client
+    if old is not None:  # a reconnecting tab takes its place back; the others see no leave/join
+        client.cursor = old.cursor
+        rooms.spawn(old.ws.close(code=CLOSE_REPLACED, message=b"replaced"))
+    client.send(_message("init", roomId=room.id, clientId=client_id, version=room.version,
+                         code=room.text, language=room.language, execution=dict(room.execution),
+                         clients=[{**c.describe(), "cursor": c.cursor} for c in room.clients.values()]))
+    if old is None:
+        _broadcast(room, _message("user_joined", **client.describe()), skip=client)
+    log.info("%s %s room %s", client_id, "rejoined" if old else "joined", room.id)
+    try:
+        async for msg in ws:
+            if msg.type is WSMsgType.TEXT:
+                _receive(room, client, msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                client.send(_message("error", code="bad_message", message="send JSON in text frames"))
+            # Reading a burst of buffered frames never suspends: let the
+            # writers drain between messages, or one fast typist would fill
+            # everyone's queue before any of it is sent.
+            await asyncio.sleep(0)
+    finally:
+        if client.writer:
+            client.writer.cancel()
+        if room.clients.get(client_id) is client:
+            del room.clients[client_id]
+            _broadcast(room, _message("user_left", **client.describe()))
+            log.info("%s left room %s", client_id, room.id)
+    return ws
+
+
+def _receive(room: Room, client: Client, data: str) -> None:
+    """Handle one message from a client; a refusal goes back to it alone."""
+    seq = None
+    try:
+        try:
+            msg = json.loads(data)
+        except ValueError:
+            raise PairError("bad_message", "a message must be one JSON object") from None
+        if not isinstance(msg, dict):
+            raise PairError("bad_message", "a message must be one JSON object")
+        seq = msg.get("seq")
+        kind = msg.get("type")
+        handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
+        if handler is None:
+            raise PairError("bad_message", f"unknown message type {kind!r}")
+        handler(room, client, msg)
+    except PairError as e:
+        log.info("refused %s from %s in room %s: %s", e.code, client.id, room.id, e.message)
+        fields = {"seq": seq} if seq is not None else {}
+        client.send(_message("error", code=e.code, message=e.message, **fields))
+
+
+def _on_code_update(room: Room, client: Client, msg: dict) -> None:
+    seq = _get(msg, "seq", (int, str), None, code="bad_message")
+    if "changes" in msg:
+        version = _get(msg, "version", int, code="bad_version")
+        args = (version, _get(msg, "changes", list, code="bad_change"))
+    else:
+        version = _get(msg, "version", int, None, code="bad_version")
+        args = (version, None, _get(msg, "code", str, code="bad_change"))
+    try:
+        changes = room.apply_update(*args)
+    except Stale:
+        client.send(_message("resync", version=room.version, code=room.text))
+        return
+    update = {"type": "code_update", "version": room.version, "clientId": client.id, "changes": changes}
+    if seq is not None:
+        update["seq"] = seq
+    plain, full = _dumps(update), None
+    for other in list(room.clients.values()):
+        if other.full:
+            full = full or _dumps({**update, "code": room.text})
+        other.send(full if other.full else plain)
+
+
+def _on_cursor(room: Room, client: Client, msg: dict) -> None:
+    cursor = room.set_cursor(client, _get(msg, "position", int), _get(msg, "selectionEnd", int, None))
+    shown = {k: v for k, v in cursor.items() if v is not None}
+    _broadcast(room, _message("cursor", clientId=client.id, **shown), skip=client)
+
+
+def _on_language(room: Room, client: Client, msg: dict) -> None:
+    language = _get(msg, "language", str)
+    if not _LANGUAGE.match(language):
+        raise PairError("bad_request", "'language' must be a short lowercase name such as 'python'")
+    room.language = language
+    _broadcast(room, _message("language", language=language, clientId=client.id))
+
+
+def _on_execute(room: Room, client: Client, msg: dict) -> None:
+    raise _not_yet("code execution")
+
+
+_HANDLERS: dict[str, Callable[[Room, Client, dict], None]] = {
+    "code_update": _on_code_update,     # edits, rebased and echoed to everyone
+    "cursor": _on_cursor,               # presence, to the others
+    "language": _on_language,           # the room's language, to everyone
+    "execute": _on_execute,             # runs: issue 3
+    "execute_cancel": _on_execute,
+}
+
+
+# ---------------------------------------------------------------------------
+# Lifecycle and create_app
+# ---------------------------------------------------------------------------
+
+async def _close_sockets(app: web.Application) -> None:
+    """On shutdown, close every socket with 1001 so clients know to come back."""
+    await _close_all([c for room in app[ROOMS] for c in room.clients.values()],
+                     WSCloseCode.GOING_AWAY, b"server shutting down")
+
+
+def create_app(**options: Any) -> web.Application:
+    """Build the server as an aiohttp Application; `options` are Config's fields.
+
+    Nothing runs until the app is started, so it can be a sub-app of another."""
+    config = Config(**options)
+    config.admin_token = config.admin_token or os.environ.get("PAIRSERVER_ADMIN_TOKEN") \
+        or secrets.token_urlsafe(24)
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_message)
+    app[CONFIG], app[ROOMS], app[STARTED] = config, Rooms(config), time.monotonic()
+    app.on_shutdown.append(_close_sockets)
+    routes = [
+        web.post("/rooms", create_room),
+        web.get("/rooms/{roomId}", get_room),
+        web.post("/autocomplete", autocomplete),
+        web.post("/execute", execute),
+        web.get("/languages", languages),
+        web.get("/health", health),
+        web.get("/admin/rooms", admin_rooms),
+        web.delete("/admin/rooms/{roomId}", admin_delete_room),
+        web.get("/ws/{roomId}/{clientId}", websocket),
+        web.get("/", index),
+    ]
+    app.add_routes(routes)
+    cors = aiohttp_cors.setup(app, defaults={origin: aiohttp_cors.ResourceOptions(
+        allow_headers="*", expose_headers="*", allow_methods="*") for origin in config.cors_origin})
+    for route in list(app.router.routes()):
+        cors.add(route)
+    return app
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    """Flags for --host, --port, --log-level and every Config field."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network)")
+    parser.add_argument("--port", type=int, default=8765, help="port to listen on")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, tuple):
+            parser.add_argument(flag, action="append", help=f.metadata["help"] + f" (default: {f.default})")
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the server from the command line until SIGINT or SIGTERM."""
+    args = vars(_parser().parse_args(argv))
+    host, port = args.pop("host"), args.pop("port")
+    logging.basicConfig(level=args.pop("log_level"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(**{k: v for k, v in args.items() if v is not None})
+
+    async def banner(app: web.Application) -> None:
+        shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
+        print(f"pairserver on http://{shown}:{port}/  (rooms in memory: they end with the process)\n"
+              f"admin token: {app[CONFIG].admin_token}", flush=True)
+
+    app.on_startup.append(banner)
+    web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=5)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,746 @@
+"""Tests for pairserver: stories of use through the public interface.
+
+Pure logic (operations, rebasing) is tested directly; everything else through
+real HTTP and WebSocket clients against create_app(), and a real server
+process where a test needs signals."""
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from pairserver import (ROOMS, PairError, Room, Stale, apply, changes_to_op, compose, create_app,
+                        diff_to_op, from_units, invert, op_to_changes, to_units, transform)
+
+TOKEN = "test-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+HERE = Path(__file__).parent
+
+
+# ---------------------------------------------------------------------------
+# Helpers: a room, a client in it, the next message of a kind
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+async def server(aiohttp_client):
+    """A test client for a fresh app; `server.app` reaches its rooms."""
+    return await aiohttp_client(create_app(admin_token=TOKEN, heartbeat=0))
+
+
+async def make_room(server, code="", language="python") -> str:
+    resp = await server.post("/rooms", json={"code": code, "language": language})
+    assert resp.status == 201
+    return (await resp.json())["roomId"]
+
+
+async def join(server, room_id, client_id, **params):
+    """Connect and return (socket, init message)."""
+    ws = await server.ws_connect(f"/ws/{room_id}/{client_id}", params=params)
+    init = await ws.receive_json(timeout=5)
+    assert init["type"] == "init"
+    return ws, init
+
+
+async def next_of(ws, kind: str) -> dict:
+    """The next message of type `kind`, passing over presence and cursor news."""
+    while True:
+        msg = await ws.receive(timeout=5)
+        assert msg.type is aiohttp.WSMsgType.TEXT, msg
+        data = json.loads(msg.data)
+        if data["type"] == kind:
+            return data
+        assert data["type"] in ("user_joined", "user_left", "cursor"), data
+
+
+async def edit(ws, version, *changes, seq=None) -> None:
+    msg = {"type": "code_update", "version": version,
+           "changes": [{"from": f, "to": t, "insert": s} for f, t, s in changes]}
+    if seq is not None:
+        msg["seq"] = seq
+    await ws.send_json(msg)
+
+
+async def room_text(server, room_id) -> str:
+    return (await (await server.get(f"/rooms/{room_id}")).json())["code"]
+
+
+def replay(text: str, changes: list[dict]) -> str:
+    """Apply a SPEC change list as a browser would, on a str of UTF-16 units."""
+    for c in changes:
+        text = text[:c["from"]] + to_units(c["insert"]) + text[c["to"]:]
+    return text
+
+
+async def expect_error(ws, code: str, seq=None) -> dict:
+    err = await next_of(ws, "error")
+    assert err["code"] == code, err
+    if seq is not None:
+        assert err["seq"] == seq
+    return err
+
+
+# ---------------------------------------------------------------------------
+# Operations: the rebasing rules of the SPEC, checked without I/O
+# ---------------------------------------------------------------------------
+
+def op(text, *changes):
+    return changes_to_op([{"from": f, "to": t, "insert": s} for f, t, s in changes], len(text))
+
+
+def test_two_inserts_at_one_place_both_survive_first_applied_first():
+    room = Room("r", text="ab")
+    room.apply_update(0, [{"from": 1, "to": 1, "insert": "X"}])
+    room.apply_update(0, [{"from": 1, "to": 1, "insert": "Y"}])
+    assert room.text == "aXYb"
+
+
+def test_stale_deletion_keeps_text_inserted_inside_and_at_its_edges():
+    room = Room("r", text="0123456789")
+    room.apply_update(0, [{"from": 5, "to": 5, "insert": "in"}])
+    room.apply_update(1, [{"from": 2, "to": 2, "insert": "<"}, {"from": 11, "to": 11, "insert": ">"}])
+    assert room.text == "01<234in567>89"
+    changes = room.apply_update(0, [{"from": 2, "to": 8, "insert": ""}])  # based on the old text
+    assert room.text == "01<in>89"
+    assert replay("01<234in567>89", changes) == room.text
+
+
+def test_overlapping_deletions_and_replacements():
+    room = Room("r", text="abcdefgh")
+    room.apply_update(0, [{"from": 2, "to": 6, "insert": "XY"}])   # ab XY gh
+    room.apply_update(0, [{"from": 4, "to": 8, "insert": "Z"}])    # based on abcdefgh
+    assert room.text == "abXYZ"
+
+
+def test_sequential_changes_compose_each_against_the_previous_result():
+    room = Room("r", text="hello")
+    room.apply_update(0, [{"from": 5, "to": 5, "insert": " world"}, {"from": 0, "to": 1, "insert": "H"},
+                          {"from": 11, "to": 11, "insert": "!"}])
+    assert room.text == "Hello world!"
+
+
+def test_invert_undoes_and_compose_equals_sequence():
+    text = "the quick brown fox"
+    a = op(text, (4, 9, "slow"), (0, 0, ">"))
+    after_a, deleted = apply(text, a)
+    b = changes_to_op([{"from": 1, "to": 4, "insert": ""}], len(after_a))
+    assert apply(text, compose(a, b))[0] == apply(after_a, b)[0]
+    assert apply(after_a, invert(a, deleted))[0] == text
+
+
+def test_whole_text_update_is_one_change_against_its_base():
+    assert diff_to_op("abcdef", "abXYef") == [2, "XY", -2, 2]
+    assert diff_to_op("aaaa", "aaaaa") == [4, "a"]
+    # both emoji start with the same high surrogate: the change must not cut the pair
+    assert diff_to_op(to_units("😀"), to_units("😁")) == [to_units("😁"), -2]
+    assert diff_to_op(to_units("x😀"), to_units("x😀😀")) == [3, to_units("😀")]
+
+
+def test_changes_out_of_range_or_inverted_are_refused():
+    room = Room("r", text="abc")
+    for bad in ([{"from": 2, "to": 1}], [{"from": 0, "to": 4}], [{"from": -1, "to": 0}],
+                [{"from": "0", "to": 1}], [{"from": True, "to": 1}], ["x"], [{"to": 1}],
+                [{"from": 0, "to": 0, "insert": 5}]):
+        with pytest.raises(PairError) as e:
+            room.apply_update(0, bad)
+        assert e.value.code == "bad_change"
+    assert (room.text, room.version) == ("abc", 0)
+
+
+def test_old_base_beyond_history_is_stale_and_future_is_refused():
+    room = Room("r", text="", history_size=3)
+    for i in range(5):
+        room.apply_update(i, [{"from": i, "to": i, "insert": "x"}])
+    with pytest.raises(Stale):
+        room.apply_update(1, [])
+    room.apply_update(2, [])  # exactly the oldest base still kept
+    with pytest.raises(PairError) as e:
+        room.apply_update(99, [])
+    assert e.value.code == "bad_version"
+
+
+def test_history_is_bounded_in_units_as_well_as_count():
+    room = Room("r", max_code=100)
+    for i in range(50):
+        room.apply_update(i, [{"from": 0, "to": len(room.text), "insert": "y" * 90}])
+    assert room.history_units <= 4 * 100 and len(room.history) < 50
+
+
+def test_size_limit_refuses_and_changes_nothing():
+    room = Room("r", text="abc", max_code=5)
+    with pytest.raises(PairError) as e:
+        room.apply_update(0, [{"from": 0, "to": 0, "insert": "123"}])
+    assert e.value.code == "too_large" and room.text == "abc" and room.version == 0
+
+
+def test_emoji_offsets_count_utf16_units():
+    room = Room("r", text=to_units("a😀b"))
+    assert len(room.text) == 4
+    room.apply_update(0, [{"from": 3, "to": 3, "insert": "🎉"}])
+    assert room.code == "a😀🎉b"
+    for position in (2, 4):  # inside 😀, inside 🎉
+        with pytest.raises(PairError) as e:
+            room.apply_update(1, [{"from": position, "to": position, "insert": "x"}])
+        assert e.value.code == "bad_change"
+    with pytest.raises(PairError):  # half a pair inserted
+        room.apply_update(1, [{"from": 0, "to": 0, "insert": "\ud83d"}])
+    with pytest.raises(PairError):  # a second change that splits the first one's emoji
+        room.apply_update(1, [{"from": 0, "to": 0, "insert": "🙂"}, {"from": 1, "to": 1, "insert": "x"}])
+    assert room.code == "a😀🎉b"
+
+
+# Random concurrent editors: every one sends updates based on whatever
+# version it last caught up to. Every character is unique, so "no insert is
+# lost" is exact: the final text holds every character that was ever inserted,
+# except those that some editor saw and deleted.
+
+ALPHABET = [chr(c) for c in range(0x4E00, 0x4E00 + 400)] + [chr(c) for c in range(0x1F300, 0x1F300 + 400)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_random_concurrent_updates_converge_and_lose_no_insert(data):
+    fresh = iter(ALPHABET)
+    initial = "".join(next(fresh) for _ in range(5))
+    room = Room("r", text=to_units(initial), history_size=20)
+    stream: list[list[dict]] = []                          # changes of versions 1, 2, ...
+    views = [[0, room.text] for _ in range(3)]             # each editor's version and text
+    inserted, seen_deleted = set(initial), set()
+    for _ in range(data.draw(st.integers(1, 25))):
+        view = views[data.draw(st.integers(0, 2))]
+        if data.draw(st.booleans()):                       # catch up on the stream
+            for changes in stream[view[0]:]:
+                view[1] = replay(view[1], changes)
+            view[0] = len(stream)
+            continue
+        text, changes = view[1], []
+        for _ in range(data.draw(st.integers(1, 2))):
+            chars = from_units(text)
+            i = data.draw(st.integers(0, len(chars)))
+            j = data.draw(st.integers(i, min(len(chars), i + 3)))
+            new = "".join(next(fresh) for _ in range(data.draw(st.integers(0, 2))))
+            inserted.update(new)
+            seen_deleted.update(chars[i:j])
+            start, end = len(to_units(chars[:i])), len(to_units(chars[:j]))
+            changes.append({"from": start, "to": end, "insert": new})
+            text = text[:start] + to_units(new) + text[end:]
+        try:
+            stream.append(room.apply_update(view[0], changes))
+        except Stale:
+            view[:] = [room.version, room.text]            # resync
+    for view in views:
+        for changes in stream[view[0]:]:
+            view[1] = replay(view[1], changes)
+        assert view[1] == room.text                         # everyone converges
+    assert set(room.code) == inserted - seen_deleted        # no insert lost, nothing unseen deleted
+    assert len(room.code) == len(set(room.code))
+
+
+# ---------------------------------------------------------------------------
+# REST
+# ---------------------------------------------------------------------------
+
+async def test_create_and_get_a_room(server):
+    resp = await server.post("/rooms", json={"language": "python", "code": "x = '😀'\n"})
+    assert resp.status == 201
+    made = await resp.json()
+    assert made["code"] == "x = '😀'\n" and made["version"] == 0 and made["language"] == "python"
+    assert len(made["roomId"]) >= 11  # 128 random bits, URL-safe
+    room = await (await server.get(f"/rooms/{made['roomId']}")).json()
+    assert room["clients"] == [] and room["execution"] == {"running": False, "clientId": None}
+    assert room["createdAt"].endswith("Z") and room["code"] == made["code"]
+
+
+async def test_create_room_without_body_and_ids_are_unguessable(server):
+    ids = set()
+    for _ in range(20):
+        resp = await server.post("/rooms")
+        body = await resp.json()
+        assert resp.status == 201 and body["language"] == "python" and body["code"] == ""
+        ids.add(body["roomId"])
+    assert len(ids) == 20
+
+
+@pytest.mark.parametrize("body, status, code", [
+    (b"{not json", 400, "bad_json"),
+    (b"[1, 2]", 400, "bad_json"),
+    (b'{"code": 5}', 400, "bad_request"),
+    (b'{"language": "Python 3!"}', 400, "bad_request"),
+    (b'{"language": null}', 400, "bad_request"),
+    (b'{"code": "\\ud83d"}', 400, "bad_request"),
+])
+async def test_create_room_refuses_bad_bodies(server, body, status, code):
+    resp = await server.post("/rooms", data=body)
+    assert resp.status == status
+    assert (await resp.json())["error"]["code"] == code
+
+
+async def test_limits_on_code_size_body_size_and_room_count(aiohttp_client):
+    server = await aiohttp_client(create_app(max_code=10, max_message=1000, max_rooms=2))
+    resp = await server.post("/rooms", json={"code": "x" * 11})
+    assert resp.status == 413 and (await resp.json())["error"]["code"] == "too_large"
+    resp = await server.post("/rooms", json={"code": "x" * 2000})
+    assert resp.status == 413 and (await resp.json())["error"]["code"] == "too_large"
+    await make_room(server)
+    await make_room(server)
+    resp = await server.post("/rooms")
+    assert resp.status == 429 and resp.headers["Retry-After"]
+    assert (await resp.json())["error"]["code"] == "too_many_rooms"
+
+
+async def test_unknown_room_path_and_method_are_json_errors(server):
+    for resp, status, code in [(await server.get("/rooms/nope"), 404, "room_not_found"),
+                               (await server.get("/no/such/path"), 404, "not_found"),
+                               (await server.put("/rooms"), 405, "method_not_allowed")]:
+        assert resp.status == status and resp.content_type == "application/json"
+        assert (await resp.json())["error"]["code"] == code
+
+
+async def test_health_counts_rooms_and_connections(server):
+    room = await make_room(server)
+    ws, _ = await join(server, room, "alice")
+    health = await (await server.get("/health")).json()
+    assert health["status"] == "ok" and health["rooms"] == 1 and health["connections"] == 1
+    assert health["uptimeSeconds"] >= 0
+    await ws.close()
+
+
+async def test_admin_needs_the_token(server):
+    room = await make_room(server, "secret code")
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        for resp in (await server.get("/admin/rooms", headers=headers),
+                     await server.delete(f"/admin/rooms/{room}", headers=headers)):
+            assert resp.status == 401 and (await resp.json())["error"]["code"] == "unauthorized"
+    listed = (await (await server.get("/admin/rooms", headers=ADMIN)).json())["rooms"]
+    assert listed == [{"roomId": room, "language": "python", "version": 0, "clients": 0,
+                       "codeLength": 11, "createdAt": listed[0]["createdAt"],
+                       "updatedAt": listed[0]["updatedAt"]}]
+
+
+async def test_admin_delete_closes_the_rooms_sockets_with_4404(server):
+    room = await make_room(server)
+    ws, _ = await join(server, room, "alice")
+    resp = await server.delete(f"/admin/rooms/{room}", headers=ADMIN)
+    assert resp.status == 204
+    msg = await ws.receive(timeout=5)
+    assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 4404
+    assert (await server.get(f"/rooms/{room}")).status == 404
+    assert (await server.delete(f"/admin/rooms/{room}", headers=ADMIN)).status == 404
+
+
+async def test_cors_lets_a_browser_page_call_the_api(aiohttp_client):
+    server = await aiohttp_client(create_app(cors_origin=("https://class.example",)))
+    resp = await server.options("/rooms", headers={"Origin": "https://class.example",
+                                                   "Access-Control-Request-Method": "POST"})
+    assert resp.status == 200
+    assert resp.headers["Access-Control-Allow-Origin"] == "https://class.example"
+    resp = await server.get("/health", headers={"Origin": "https://class.example"})
+    assert resp.headers["Access-Control-Allow-Origin"] == "https://class.example"
+    resp = await server.get("/health", headers={"Origin": "https://elsewhere.example"})
+    assert "Access-Control-Allow-Origin" not in resp.headers
+
+
+async def test_execution_and_autocomplete_routes_answer_not_implemented_yet(server):
+    for resp in (await server.post("/execute", json={"code": "1"}),
+                 await server.post("/autocomplete", json={"code": "", "cursorPosition": 0}),
+                 await server.get("/languages")):
+        assert resp.status == 501 and (await resp.json())["error"]["code"] == "not_implemented"
+
+
+async def test_python_api_for_embedding_scripts(aiohttp_client):
+    app = create_app()
+    rooms = app[ROOMS]
+    room = rooms.create(language="python", code="print('starter')\n")
+    assert rooms.get(room.id) is room and list(rooms) == [room]
+    parent = aiohttp.web.Application()
+    parent.add_subapp("/pair/", app)
+    server = await aiohttp_client(parent)
+    assert (await (await server.get(f"/pair/rooms/{room.id}")).json())["code"] == "print('starter')\n"
+    ws = await server.ws_connect(f"/pair/ws/{room.id}/alice")
+    assert (await ws.receive_json(timeout=5))["code"] == "print('starter')\n"
+    assert await rooms.delete(room.id)
+    assert (await ws.receive(timeout=5)).data == 4404
+    assert rooms.get(room.id) is None and not await rooms.delete(room.id)
+
+
+# ---------------------------------------------------------------------------
+# WebSocket: joining, presence, cursors, language
+# ---------------------------------------------------------------------------
+
+async def test_init_and_presence(server):
+    room = await make_room(server, "x = 1\n")
+    alice, init = await join(server, room, "alice", name="Alice")
+    assert init == {"type": "init", "roomId": room, "clientId": "alice", "version": 0,
+                    "code": "x = 1\n", "language": "python",
+                    "execution": {"running": False, "clientId": None},
+                    "clients": [{"clientId": "alice", "name": "Alice", "cursor": None}]}
+    bob, init = await join(server, room, "bob")
+    assert [c["clientId"] for c in init["clients"]] == ["alice", "bob"]
+    assert init["clients"][1]["name"] == "bob"  # name defaults to the clientId
+    assert await alice.receive_json(timeout=5) == {"type": "user_joined", "clientId": "bob", "name": "bob"}
+    await bob.close()
+    assert await alice.receive_json(timeout=5) == {"type": "user_left", "clientId": "bob", "name": "bob"}
+    room_state = await (await server.get(f"/rooms/{room}")).json()
+    assert room_state["clients"] == [{"clientId": "alice", "name": "Alice"}]
+    await alice.close()
+
+
+async def test_cursors_go_to_the_others_are_clamped_and_follow_edits(server):
+    room = await make_room(server, "abcdef")
+    alice, _ = await join(server, room, "alice")
+    bob, _ = await join(server, room, "bob")
+    await bob.send_json({"type": "cursor", "position": 4, "selectionEnd": 99})
+    assert await next_of(alice, "cursor") == {"type": "cursor", "clientId": "bob",
+                                               "position": 4, "selectionEnd": 6}
+    await bob.send_json({"type": "cursor", "position": 3})
+    assert await next_of(alice, "cursor") == {"type": "cursor", "clientId": "bob", "position": 3}
+    await edit(alice, 0, (0, 0, "XY"))
+    await next_of(alice, "code_update")
+    _, init = await join(server, room, "carol")
+    assert init["clients"][1]["cursor"] == {"position": 5, "selectionEnd": None}
+    await next_of(bob, "code_update")
+    await bob.send_json({"type": "cursor", "position": "3"})
+    await expect_error(bob, "bad_request")
+    for ws in (alice, bob):
+        await ws.close()
+
+
+async def test_language_change_reaches_everyone(server):
+    room = await make_room(server)
+    alice, _ = await join(server, room, "alice")
+    bob, _ = await join(server, room, "bob")
+    await alice.send_json({"type": "language", "language": "javascript"})
+    for ws in (alice, bob):
+        assert await next_of(ws, "language") == {"type": "language", "language": "javascript",
+                                                 "clientId": "alice"}
+    assert (await (await server.get(f"/rooms/{room}")).json())["language"] == "javascript"
+    await alice.send_json({"type": "language", "language": "<script>"})
+    await expect_error(alice, "bad_request")
+    for ws in (alice, bob):
+        await ws.close()
+
+
+@pytest.mark.parametrize("client_id", ["a" * 65, "bad%20id", "é"])
+async def test_bad_client_id_is_closed_with_4400(server, client_id):
+    room = await make_room(server)
+    ws = await server.ws_connect(f"/ws/{room}/{client_id}")
+    msg = await ws.receive(timeout=5)
+    assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 4400
+
+
+async def test_unknown_room_is_closed_with_4404(server):
+    ws = await server.ws_connect("/ws/nosuchroom/alice")
+    assert (await ws.receive(timeout=5)).data == 4404
+
+
+async def test_full_room_is_closed_with_4429_but_a_member_may_reconnect(aiohttp_client):
+    server = await aiohttp_client(create_app(max_clients=2))
+    room = await make_room(server)
+    a, _ = await join(server, room, "a")
+    b, _ = await join(server, room, "b")
+    c = await server.ws_connect(f"/ws/{room}/c")
+    assert (await c.receive(timeout=5)).data == 4429
+    b2, init = await join(server, room, "b")  # takes b's place back
+    assert len(init["clients"]) == 2
+    for ws in (a, b2):
+        await ws.close()
+
+
+async def test_second_connection_replaces_the_first_without_leave_or_join(server):
+    room = await make_room(server)
+    alice, _ = await join(server, room, "alice")
+    tab1, _ = await join(server, room, "bob")
+    await next_of(alice, "user_joined")
+    await edit(tab1, 0, (0, 0, "sent before reload"))
+    await next_of(tab1, "code_update")
+    tab2, init = await join(server, room, "bob")
+    assert init["code"] == "sent before reload"
+    msg = await tab1.receive(timeout=5)
+    assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 4000
+    await edit(tab2, 1, (0, 0, ">"))
+    for version in (1, 2):  # and no user_left / user_joined between them
+        update = await alice.receive_json(timeout=5)
+        assert update["type"] == "code_update" and update["version"] == version
+    clients = (await (await server.get(f"/rooms/{room}")).json())["clients"]
+    assert [c["clientId"] for c in clients] == ["alice", "bob"]
+    for ws in (alice, tab2):
+        await ws.close()
+
+
+# ---------------------------------------------------------------------------
+# WebSocket: edits
+# ---------------------------------------------------------------------------
+
+async def test_an_edit_reaches_everyone_author_included(server):
+    room = await make_room(server, "print()")
+    alice, _ = await join(server, room, "alice")
+    bob, _ = await join(server, room, "bob")
+    watcher, _ = await join(server, room, "watcher", full="1")
+    await edit(alice, 0, (6, 6, "'hi'"), seq=7)
+    expected = {"type": "code_update", "version": 1, "clientId": "alice", "seq": 7,
+                "changes": [{"from": 6, "to": 6, "insert": "'hi'"}]}
+    assert await next_of(alice, "code_update") == expected
+    assert await next_of(bob, "code_update") == expected
+    assert await next_of(watcher, "code_update") == {**expected, "code": "print('hi')"}
+    assert await room_text(server, room) == "print('hi')"
+    for ws in (alice, bob, watcher):
+        await ws.close()
+
+
+async def test_two_clients_typing_at_one_place_at_once_keep_both_texts(server):
+    room = await make_room(server, "x = \n")
+    alice, _ = await join(server, room, "alice")
+    bob, _ = await join(server, room, "bob")
+    await asyncio.gather(edit(alice, 0, (4, 4, "'alice'")), edit(bob, 0, (4, 4, "'bob'")))
+    texts = []
+    for ws in (alice, bob):
+        text = "x = \n"
+        for _ in range(2):
+            update = await next_of(ws, "code_update")
+            text = replay(text, update["changes"])
+        texts.append(text)
+    final = await room_text(server, room)
+    assert texts == [final, final]
+    assert final in ("x = 'alice''bob'\n", "x = 'bob''alice'\n")
+    for ws in (alice, bob):
+        await ws.close()
+
+
+async def test_stale_deletion_over_a_concurrent_insert_keeps_the_insert(server):
+    room = await make_room(server, "def f():\n    return 1\n")
+    alice, _ = await join(server, room, "alice")
+    bob, _ = await join(server, room, "bob")
+    await edit(alice, 0, (21, 21, "0"))                   # return 10
+    assert (await next_of(bob, "code_update"))["version"] == 1
+    await edit(bob, 0, (9, 22, ""), seq="b1")             # bob, still at v0, deletes the body
+    assert (await next_of(alice, "code_update"))["version"] == 1
+    update = await next_of(alice, "code_update")
+    assert update["seq"] == "b1" and update["version"] == 2
+    assert update["changes"] == [{"from": 9, "to": 21, "insert": ""}, {"from": 10, "to": 11, "insert": ""}]
+    assert await room_text(server, room) == "def f():\n0"
+    for ws in (alice, bob):
+        await ws.close()
+
+
+async def test_emoji_offsets_over_the_socket(server):
+    room = await make_room(server, "s = '😀'")
+    alice, init = await join(server, room, "alice")
+    assert init["code"] == "s = '😀'"
+    await edit(alice, 0, (7, 7, "🎉"))                     # after the emoji: 5 + 2 units
+    update = await next_of(alice, "code_update")
+    assert update["changes"] == [{"from": 7, "to": 7, "insert": "🎉"}]
+    assert await room_text(server, room) == "s = '😀🎉'"
+    await edit(alice, 1, (6, 6, "x"), seq=3)               # between the halves of 😀
+    err = await expect_error(alice, "bad_change", seq=3)
+    assert "surrogate" in err["message"]
+    await alice.close()
+
+
+async def test_whole_text_updates_with_and_without_a_base_version(server):
+    room = await make_room(server, "a = 1\nb = 2\n")
+    alice, _ = await join(server, room, "alice")
+    bob, _ = await join(server, room, "bob")
+    await edit(alice, 0, (0, 0, "# top\n"))
+    await next_of(bob, "code_update")
+    await next_of(alice, "code_update")
+    await bob.send_json({"type": "code_update", "version": 0, "code": "a = 1\nb = 3\n"})
+    update = await next_of(alice, "code_update")
+    assert update["changes"] == [{"from": 16, "to": 17, "insert": "3"}]
+    assert await room_text(server, room) == "# top\na = 1\nb = 3\n"
+    await bob.send_json({"type": "code_update", "code": "replaced"})  # last writer wins
+    await next_of(alice, "code_update")
+    assert await room_text(server, room) == "replaced"
+    for ws in (alice, bob):
+        await ws.close()
+
+
+async def test_an_update_that_changes_nothing_still_takes_a_version(server):
+    room = await make_room(server, "abc")
+    alice, _ = await join(server, room, "alice")
+    await edit(alice, 0, (0, 3, ""))
+    await edit(alice, 0, (1, 2, ""))                        # its range is gone already
+    await next_of(alice, "code_update")
+    assert await next_of(alice, "code_update") == {"type": "code_update", "version": 2,
+                                                   "clientId": "alice", "changes": []}
+    await alice.close()
+
+
+async def test_an_update_too_old_for_the_history_gets_resync(aiohttp_client):
+    server = await aiohttp_client(create_app(history=2))
+    room = await make_room(server)
+    alice, _ = await join(server, room, "alice")
+    for v in range(3):
+        await edit(alice, v, (v, v, "x"))
+        await next_of(alice, "code_update")
+    await edit(alice, 0, (0, 0, "lost"))
+    assert await next_of(alice, "resync") == {"type": "resync", "version": 3, "code": "xxx"}
+    assert await room_text(server, room) == "xxx"
+    await alice.close()
+
+
+@pytest.mark.parametrize("message, code", [
+    ("not json", "bad_message"),
+    ("[1]", "bad_message"),
+    ('{"type": "dance"}', "bad_message"),
+    ('{"seq": 1}', "bad_message"),
+    ('{"type": "code_update", "version": 0, "changes": "abc", "seq": 1}', "bad_change"),
+    ('{"type": "code_update", "version": 0, "changes": [{"from": 2, "to": 1}], "seq": 1}', "bad_change"),
+    ('{"type": "code_update", "version": 0, "changes": [{"from": 0, "to": 9}], "seq": 1}', "bad_change"),
+    ('{"type": "code_update", "version": 5, "changes": [], "seq": 1}', "bad_version"),
+    ('{"type": "code_update", "version": "0", "changes": [], "seq": 1}', "bad_version"),
+    ('{"type": "code_update", "changes": [], "seq": 1}', "bad_version"),
+    ('{"type": "code_update", "version": 0, "code": 7, "seq": 1}', "bad_change"),
+    ('{"type": "code_update", "version": 0, "changes": [], "seq": [1]}', "bad_message"),
+    ('{"type": "code_update", "version": 0, "changes": [{"from": 0, "to": 0, "insert": "12345678"}],'
+     ' "seq": 1}', "too_large"),
+])
+async def test_malformed_messages_are_refused_and_change_nothing(aiohttp_client, message, code):
+    server = await aiohttp_client(create_app(max_code=10))
+    room = await make_room(server, "abc")
+    alice, _ = await join(server, room, "alice")
+    await alice.send_str(message)
+    err = await expect_error(alice, code)
+    if '"seq": 1' in message:
+        assert err["seq"] == 1
+    await edit(alice, 0, (3, 3, "d"))                       # the socket stays open and usable
+    assert (await next_of(alice, "code_update"))["version"] == 1
+    assert await room_text(server, room) == "abcd"
+    await alice.close()
+
+
+async def test_binary_frames_are_refused(server):
+    room = await make_room(server)
+    alice, _ = await join(server, room, "alice")
+    await alice.send_bytes(b"\x00\x01")
+    await expect_error(alice, "bad_message")
+    await alice.close()
+
+
+async def test_a_message_over_the_size_limit_closes_the_socket(aiohttp_client):
+    server = await aiohttp_client(create_app(max_message=1000))
+    room = await make_room(server)
+    alice, _ = await join(server, room, "alice")
+    await alice.send_json({"type": "code_update", "code": "x" * 2000})
+    msg = await alice.receive(timeout=5)
+    assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+    assert await room_text(server, room) == ""
+
+
+async def test_many_clients_typing_concurrently_converge_over_real_sockets(server):
+    rng = random.Random(7)
+    room = await make_room(server, "filler " * 20)
+    sockets = [(await join(server, room, f"c{i}"))[0] for i in range(4)]
+    views = [[0, "filler " * 20] for _ in sockets]
+    words = []
+    for round_ in range(10):
+        sends = []
+        for i, ws in enumerate(sockets):
+            word = f"<{i}.{round_}>"
+            words.append(word)
+            text = views[i][1]
+            pos = rng.choice([p for p in range(len(text) + 1)  # never inside a word
+                              if text.count("<", 0, p) == text.count(">", 0, p)])
+            end = min(len(views[i][1]), pos + rng.choice([0, 0, 2]))
+            if "<" in views[i][1][pos:end] or ">" in views[i][1][pos:end]:
+                end = pos  # delete only filler that this client sees, never a word
+            sends.append(edit(ws, views[i][0], (pos, end, word)))
+        await asyncio.gather(*sends)
+        for i, ws in enumerate(sockets):  # each catches up before typing again, as a browser would
+            while views[i][0] < (round_ + 1) * len(sockets):
+                update = await next_of(ws, "code_update")
+                assert update["version"] == views[i][0] + 1
+                views[i] = [update["version"], replay(views[i][1], update["changes"])]
+    final = await room_text(server, room)
+    assert all(view[1] == final for view in views)
+    assert all(word in final for word in words)  # no concurrent deletion took a word
+    for ws in sockets:
+        await ws.close()
+
+
+async def test_a_slow_reader_is_dropped_and_does_not_delay_the_others(aiohttp_client):
+    server = await aiohttp_client(create_app(send_queue=64 * 1024, heartbeat=0))
+    room = await make_room(server)
+    writer, _ = await join(server, room, "writer")
+    reader, _ = await join(server, room, "reader")
+    # The slow peer: a raw socket that completes the handshake and never reads again.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (server.host, server.port))
+    await loop.sock_sendall(sock, (
+        f"GET /ws/{room}/slow?full=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    assert b"101" in await loop.sock_recv(sock, 12)
+    await next_of(reader, "user_joined")
+    chunk = "y" * 1000
+    for v in range(200):
+        await edit(writer, v, (0, 0, chunk))
+    for v in range(1, 201):
+        msg = await reader.receive_json(timeout=5)
+        if msg["type"] == "user_left":
+            assert msg["clientId"] == "slow"
+            msg = await reader.receive_json(timeout=5)
+        assert msg["type"] == "code_update" and msg["version"] == v
+    clients = (await (await server.get(f"/rooms/{room}")).json())["clients"]
+    assert "slow" not in [c["clientId"] for c in clients]
+    sock.close()
+    for ws in (writer, reader):
+        await ws.close()
+
+
+# ---------------------------------------------------------------------------
+# A real server process: the command line, the banner, graceful shutdown
+# ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_help_documents_every_flag():
+    out = subprocess.run([sys.executable, str(HERE / "pairserver.py"), "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for flag in ("--host", "--port", "--log-level", "--admin-token", "--cors-origin", "--max-code",
+                 "--max-message", "--max-rooms", "--max-clients", "--history", "--send-queue",
+                 "--heartbeat"):
+        assert flag in out
+
+
+async def test_sigterm_closes_sockets_with_1001_and_exits_cleanly(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PAIRSERVER_ADMIN_TOKEN"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(HERE / "pairserver.py"), "--port", str(port), cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        banner = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
+        assert f"http://localhost:{port}/" in banner
+        token = (await asyncio.wait_for(proc.stdout.readline(), 5)).decode().split(": ")[1].strip()
+        assert len(token) >= 16
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            resp = await http.get("/admin/rooms", headers={"Authorization": f"Bearer {token}"})
+            assert resp.status == 200
+            room = (await (await http.post("/rooms", json={"code": "kept"})).json())["roomId"]
+            ws = await http.ws_connect(f"/ws/{room}/alice")
+            await ws.receive_json(timeout=5)
+            proc.send_signal(signal.SIGTERM)
+            msg = await ws.receive(timeout=10)
+            assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1001
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+        log = (await proc.stderr.read()).decode()
+        assert "alice joined room" in log and "kept" not in log  # never the code itself
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
