@@ -68,7 +68,8 @@ class Config:
         4 << 20, "bytes queued for one slow socket before it is dropped")
     heartbeat: float = _option(30.0, "seconds between pings that find dead peers")
     static_dir: str = _option(
-        str(Path(__file__).with_name("static")), "folder holding the demo page, index.html")
+        str(Path(__file__).with_name("static")),
+        "folder holding the demo page, index.html (default: static/ beside this file)")
 
 
 #: Close codes of the SPEC, and ours for a socket that stopped reading.
@@ -887,17 +888,19 @@ def create_app(**options: Any) -> web.Application:
 
 def _parser() -> argparse.ArgumentParser:
     """Flags for --host, --port, --log-level and every Config field."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network)")
-    parser.add_argument("--port", type=int, default=8765, help="port to listen on")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; 0.0.0.0 for every network (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8765, help="port to listen on (default: 8765)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="what to log (default: INFO: rooms, joins, leaves, refusals; never code)")
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        default = ", ".join(f.default) if isinstance(f.default, tuple) else f.default
+        help = f.metadata["help"] + ("" if "default" in f.metadata["help"] else f" (default: {default})")
         if isinstance(f.default, tuple):
-            parser.add_argument(flag, action="append", help=f.metadata["help"] + f" (default: {f.default})")
+            parser.add_argument("--" + f.name.replace("_", "-"), action="append", help=help)
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), help=help)
     return parser
 
 
