@@ -22,13 +22,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
+import contextlib
 import dataclasses
+import functools
 import hmac
 import json
 import logging
+import math
 import os
 import re
+import resource
 import secrets
+import shutil
+import signal
+import sys
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -67,6 +76,18 @@ class Config:
     send_queue: int = _option(
         4 << 20, "bytes queued for one slow socket before it is dropped")
     heartbeat: float = _option(30.0, "seconds between pings that find dead peers")
+    sandbox: str = _option("auto", "isolate runs with bwrap: auto (when installed), bwrap (required), none")
+    python: str = _option("", "Python interpreter for runs (default: the one running the server)")
+    max_runs: int = _option(os.cpu_count() or 2, "runs at once; more wait in a short queue")
+    max_queue: int = _option(16, "runs waiting for a slot before 429 Too Many Requests")
+    pool: int = _option(2, "interpreters per language started ahead, waiting for code")
+    timeout: float = _option(5.0, "seconds a run may take when it asks for no timeout")
+    max_timeout: float = _option(30.0, "largest timeout a run may ask for, in seconds")
+    max_output: int = _option(64 << 10, "bytes of stdout and stderr together before a run is stopped")
+    max_memory: int = _option(256 << 20, "bytes of memory a run may use")
+    max_procs: int = _option(64, "processes a run may have at once (where a cgroup is writable)")
+    max_file: int = _option(16 << 20, "bytes a run may write to one file, and to its folder")
+    max_source: int = _option(1 << 20, "bytes of code or stdin POST /execute accepts")
     static_dir: str = _option(
         str(Path(__file__).with_name("static")),
         "folder holding the demo page, index.html (default: static/ beside this file)")
@@ -416,6 +437,7 @@ class Room:
     history_units: int = 0
     clients: dict[str, Client] = field(default_factory=dict)
     execution: dict = field(default_factory=lambda: {"running": False, "clientId": None})
+    cancel: asyncio.Event | None = None  #: set to stop the room's run
     created_at: str = field(default_factory=_now)
     updated_at: str = field(default_factory=_now)
 
@@ -568,11 +590,382 @@ async def _close_all(clients, code: int, message: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Autocomplete and execution: their routes are in place; issues 3 and 4 fill them
+# Autocomplete: its route is in place; issue 4 fills it
 # ---------------------------------------------------------------------------
 
 def _not_yet(feature: str) -> PairError:
     return PairError("not_implemented", f"{feature} is not available in this version yet", 501)
+
+
+# ---------------------------------------------------------------------------
+# Execution: Sandbox (bwrap, rlimits, cgroups), Runner (pool, queue, limits)
+# ---------------------------------------------------------------------------
+# Each run gets a pre-started interpreter from a small pool: the sandbox and
+# the interpreter are already up, waiting on stdin for a header line with the
+# code's length, then the code, then the program's own stdin. So a short
+# program answers in the time it takes to run, not to start.
+
+_PY_BOOT = """import os, sys
+def _boot():
+    head = b""
+    while not head.endswith(b"\\n"):
+        head += os.read(0, 1) or sys.exit(0)
+    size, src = int(head), b""
+    while len(src) < size:
+        src += os.read(0, size - len(src)) or sys.exit(0)
+    with open("main.py", "wb") as f:
+        f.write(src)
+    return compile(src, "main.py", "exec")
+code = _boot()
+del _boot, os
+sys.argv, __file__ = ["main.py"], "main.py"
+try:
+    exec(code)
+except SystemExit:
+    raise
+except BaseException as e:  # the traceback a plain `python main.py` prints
+    sys.excepthook(type(e), e, e.with_traceback(e.__traceback__.tb_next).__traceback__)
+    sys.exit(1)
+"""
+_JS_BOOT = """const fs = require("fs"), one = Buffer.alloc(1); let head = "";
+while (!head.endsWith("\\n")) { if (fs.readSync(0, one, 0, 1) !== 1) process.exit(0); head += one.toString(); }
+const src = Buffer.alloc(parseInt(head)); let got = 0;
+while (got < src.length) { const n = fs.readSync(0, src, got, src.length - got); if (!n) break; got += n; }
+fs.writeFileSync("main.js", src); process.argv[1] = require("path").resolve("main.js"); require(process.argv[1]);
+"""
+
+
+@dataclass
+class Language:
+    """A language this machine can run: its interpreter and how to start it waiting."""
+
+    name: str
+    executable: str
+    argv: list[str]
+    version: str = ""
+
+
+class _Process(asyncio.SubprocessProtocol):
+    """One started interpreter: its output goes to on_data, its end to `exited`."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.exited, self.closed = loop.create_future(), loop.create_future()
+        self.on_data: Callable[[int, bytes], None] = lambda fd, data: None
+        self.transport: asyncio.SubprocessTransport | None = None
+        self.ready: asyncio.Future | None = None  # done once the process is started
+        self.cgroups: list[Path] = []
+        self.workdir: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        self.on_data(fd, data)
+
+    def process_exited(self) -> None:
+        self.exited.done() or self.exited.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed.done() or self.closed.set_result(None)
+
+
+class Output:
+    """A run's output: chunks in arrival order, decoded, capped in bytes."""
+
+    def __init__(self, cap: int, on_output: Callable[[str, str], None] | None) -> None:
+        self.cap, self.size, self.truncated = cap, 0, False
+        self.chunks: list[tuple[str, str]] = []
+        self.decoders = {1: codecs.getincrementaldecoder("utf-8")("replace"),
+                         2: codecs.getincrementaldecoder("utf-8")("replace")}
+        self.on_output = on_output or (lambda stream, text: None)
+        self.full = asyncio.get_running_loop().create_future()
+
+    def feed(self, fd: int, data: bytes, final: bool = False) -> None:
+        if self.truncated or fd not in self.decoders:
+            return
+        if self.size + len(data) >= self.cap:
+            data, self.truncated = data[:self.cap - self.size], True
+            self.full.done() or self.full.set_result(None)
+        self.size += len(data)
+        text = self.decoders[fd].decode(data, final=final or self.truncated)
+        if text:
+            stream = "stdout" if fd == 1 else "stderr"
+            self.chunks.append((stream, text))
+            self.on_output(stream, text)
+
+    def text(self, stream: str | None = None) -> str:
+        return "".join(t for s, t in self.chunks if stream in (None, s))
+
+
+class Runner:
+    """Runs code in sandboxed interpreters: at most max_runs at once, a short
+    queue, then 429. Pure asyncio, so the event loop never waits on a run."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        bwrap = shutil.which("bwrap")
+        if config.sandbox == "bwrap" and not bwrap:
+            raise ValueError("--sandbox bwrap: bwrap is not installed (apt-get install bubblewrap)")
+        self.bwrap = bwrap if config.sandbox != "none" else None
+        python = os.path.realpath(config.python or sys.executable)
+        self.languages = {"python": Language("python", python, [python, "-I", "-u", "-c", _PY_BOOT])}
+        if node := shutil.which("node"):
+            node = os.path.realpath(node)
+            self.languages["javascript"] = Language("javascript", node, [node, "-e", _JS_BOOT])
+        self._slots = asyncio.Semaphore(config.max_runs)
+        self._waiting = 0
+        self._pool: dict[str, deque[_Process]] = {name: deque() for name in self.languages}
+        self._live: set[_Process] = set()
+        self._cgroup_base: list[Path] = []
+        self._count = 0
+
+    @property
+    def sandbox(self) -> str:
+        return "bwrap" if self.bwrap else "rlimits"
+
+    async def start(self) -> None:
+        """Find a writable cgroup, check that bwrap works here, fill the pools."""
+        self._cgroup_base = _make_cgroup_base()
+        if self.bwrap:
+            probe = _Process()
+            await self._spawn(probe, [self.languages["python"].executable, "-c", "pass"])
+            await probe.exited
+            if probe.transport.get_returncode() != 0:
+                if self.config.sandbox == "bwrap":
+                    raise RuntimeError("--sandbox bwrap: bwrap cannot create a sandbox on this machine")
+                self.bwrap = None
+            self._discard(probe)
+        if not self.bwrap:
+            log.warning("runs are NOT isolated from this machine (no working bwrap): only resource "
+                        "limits and the process-tree kill hold. apt-get install bubblewrap to isolate them.")
+        log.info("runs: %s sandbox, cgroup limits %s", self.sandbox, "on" if self._cgroup_base else "off")
+        for name in self.languages:
+            for _ in range(self.config.pool):
+                self._refill(name)
+
+    async def stop(self) -> None:
+        """Kill every run and pooled interpreter; remove their cgroups."""
+        procs = list(self._live)
+        for proc in procs:
+            self._discard(proc)
+        started = [proc.exited for proc in procs if proc.transport]
+        if started:  # a cgroup can be removed only once its processes are gone
+            await asyncio.wait(started, timeout=2)
+        for _ in range(20):
+            if all([_rmdir_all(base) for base in self._cgroup_base]):
+                break
+            await asyncio.sleep(0.25)
+
+    async def describe(self) -> dict:
+        """What GET /languages says: the languages with versions, and the sandbox."""
+        for lang in self.languages.values():
+            if not lang.version:
+                proc = await asyncio.create_subprocess_exec(
+                    lang.executable, "--version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                lang.version = (await proc.communicate())[0].decode().split()[-1].lstrip("v")
+        return {"languages": [{"name": l.name, "version": l.version, "executable": l.executable}
+                              for l in self.languages.values()], "sandbox": self.sandbox}
+
+    async def run(self, language: str, code: str, stdin: str = "", timeout: float = 5.0,
+                  on_output: Callable[[str, str], None] | None = None,
+                  cancel: asyncio.Event | None = None) -> dict:
+        """Run code and return the SPEC's result; on_output sees each chunk as it comes."""
+        if language not in self.languages:
+            raise PairError("unsupported_language", f"cannot run {language!r} here; "
+                            f"can run: {', '.join(self.languages)}")
+        if self._slots.locked() and self._waiting >= self.config.max_queue:
+            raise PairError("too_busy", "too many runs at once; try again shortly", 429)
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            proc = self._take(language)
+            return await self._run(proc, code, stdin, timeout, on_output, cancel)
+        finally:
+            self._slots.release()
+
+    async def _run(self, proc, code, stdin, timeout, on_output, cancel) -> dict:
+        await proc.ready
+        output = Output(self.config.max_output, on_output)
+        proc.on_data = output.feed
+        src = code.encode("utf-8", "replace")
+        started = time.monotonic()
+        feed = proc.transport.get_pipe_transport(0)
+        feed.write(b"%d\n%s%s" % (len(src), src, stdin.encode("utf-8", "replace")))
+        feed.close()
+        cancelled = asyncio.ensure_future((cancel or asyncio.Event()).wait())
+        done, _ = await asyncio.wait([proc.exited, output.full, cancelled], timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        cancelled.cancel()
+        killed = not proc.exited.done()
+        if killed:
+            self._kill(proc)
+        duration = time.monotonic() - started
+        await asyncio.wait([proc.exited, proc.closed], timeout=2)  # the last output, if any
+        status = proc.transport.get_returncode()
+        if killed or status is None:
+            status = -signal.SIGKILL
+        elif self.bwrap and status > 128:
+            status = 128 - status  # bwrap reports death by signal N as 128 + N
+        output.feed(1, b"", final=True)
+        output.feed(2, b"", final=True)
+        self._discard(proc)
+        return {"output": output.text(), "stdout": output.text("stdout"), "stderr": output.text("stderr"),
+                "exitCode": status, "timedOut": killed and not done, "truncated": output.truncated,
+                "cancelled": cancelled in done and killed, "durationMs": round(duration * 1000, 1)}
+
+    def _take(self, language: str) -> _Process:
+        """A waiting interpreter from the pool (replaced at once), or a cold one."""
+        pool = self._pool[language]
+        while pool:
+            proc = pool.popleft()
+            self._refill(language)
+            if not proc.exited.done():
+                return proc
+            self._discard(proc)
+        proc = _Process()
+        proc.ready = asyncio.ensure_future(self._spawn(proc, self.languages[language].argv))
+        return proc
+
+    def _refill(self, language: str) -> None:
+        if len(self._pool[language]) < self.config.pool:
+            proc = _Process()
+            proc.ready = asyncio.ensure_future(self._spawn(proc, self.languages[language].argv))
+            self._pool[language].append(proc)
+
+    async def _spawn(self, proc: _Process, argv: list[str]) -> None:
+        """Start argv in the sandbox, with its limits, its cgroup, its own folder."""
+        self._count += 1
+        self._live.add(proc)
+        proc.cgroups = _make_cgroup(self._cgroup_base, f"run{self._count}", self.config)
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/work"}
+        if self.bwrap:
+            argv = [*self._bwrap_args(argv[0]), *argv]
+        else:
+            proc.workdir = tempfile.mkdtemp(prefix="pairserver-run-")
+            env["HOME"] = proc.workdir
+        loop = asyncio.get_running_loop()
+        await loop.subprocess_exec(
+            lambda: proc, *argv, cwd=proc.workdir, env=env, start_new_session=True,
+            preexec_fn=functools.partial(_limit_child, self.config, proc.cgroups))
+
+    def _bwrap_args(self, executable: str) -> list[str]:
+        """A sandbox with no network, no host files but the interpreter's, a
+        private /work and /tmp, its own pids, as an unprivileged user."""
+        args = [self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+                "--uid", "65534", "--gid", "65534", "--ro-bind", "/usr", "/usr", "--proc", "/proc",
+                "--dev", "/dev", "--size", str(self.config.max_file), "--tmpfs", "/tmp",
+                "--size", str(self.config.max_file), "--tmpfs", "/work", "--chdir", "/work"]
+        for top in ("/bin", "/lib", "/lib64", "/sbin"):
+            if os.path.islink(top):
+                args += ["--symlink", os.readlink(top), top]
+            elif os.path.isdir(top):
+                args += ["--ro-bind", top, top]
+        prefix = os.path.dirname(os.path.dirname(executable))
+        if not prefix.startswith("/usr"):
+            args += ["--ro-bind", prefix, prefix]
+        return args
+
+    def _kill(self, proc: _Process) -> None:
+        """Kill the run's whole tree: its pid namespace goes with bwrap; its
+        cgroup, where there is one, catches whatever left the process group."""
+        for group in proc.cgroups:
+            _kill_cgroup(group)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.transport.get_pid(), signal.SIGKILL)
+
+    def _discard(self, proc: _Process) -> None:
+        """Kill proc if it still runs, close its pipes, remove its folder and cgroup."""
+        if proc.transport:
+            self._kill(proc)  # close the transport once exited, or asyncio may reap the pid twice
+            proc.exited.add_done_callback(lambda _: proc.transport.close())
+        elif proc.ready:
+            proc.ready.cancel()
+        self._live.discard(proc)
+        if proc.workdir:
+            shutil.rmtree(proc.workdir, ignore_errors=True)
+        for group in proc.cgroups:
+            _rmdir_all(group, retries=20)
+
+
+def _limit_child(config: Config, cgroups: list[Path]) -> None:
+    """In the child, before exec: resource limits, a lower priority, the cgroup."""
+    cpu = int(config.max_timeout) + 1
+    for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_DATA, config.max_memory),
+                         (resource.RLIMIT_FSIZE, config.max_file), (resource.RLIMIT_NOFILE, 256),
+                         (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(limit, (value, value))
+    if not cgroups and os.getuid() != 0:  # per-uid and shared, so only as a last resort
+        resource.setrlimit(resource.RLIMIT_NPROC, (config.max_procs * 8,) * 2)
+    os.nice(5)
+    for group in cgroups:
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+
+
+def _make_cgroup_base() -> list[Path]:
+    """Folders for our runs' cgroups: v2's one tree, or v1's pids and memory
+    trees; [] where none is writable (not root, or none mounted)."""
+    base = f"pairserver-{os.getpid()}-{secrets.token_hex(4)}"  # one per Runner, apps may share a process
+    root = Path("/sys/fs/cgroup")
+    if "pids" in (root / "cgroup.controllers").read_text() if (root / "cgroup.controllers").exists() else False:
+        trees = [root / base]
+    else:
+        trees = [root / "pids" / base, root / "memory" / base]
+    try:
+        for tree in trees:
+            tree.mkdir(exist_ok=True)
+            if (tree / "cgroup.subtree_control").exists():
+                (tree / "cgroup.subtree_control").write_text("+pids +memory")
+        return trees
+    except OSError:
+        for tree in trees:
+            _rmdir_all(tree)
+        return []
+
+
+def _make_cgroup(bases: list[Path], name: str, config: Config) -> list[Path]:
+    """A cgroup per run, capping its processes and memory (swap included)."""
+    groups = []
+    for base in bases:
+        group = base / name
+        group.mkdir()
+        for knob, value in (("pids.max", config.max_procs), ("memory.max", config.max_memory),
+                            ("memory.swap.max", 0), ("memory.limit_in_bytes", config.max_memory)):
+            if (group / knob).exists():
+                with contextlib.suppress(OSError):
+                    (group / knob).write_text(str(value))
+        groups.append(group)
+    return groups
+
+
+def _kill_cgroup(group: Path) -> None:
+    if (group / "cgroup.kill").exists():
+        (group / "cgroup.kill").write_text("1")
+        return
+    for _ in range(3):  # v1: a fork may race the first pass
+        pids = (group / "cgroup.procs").read_text().split() if group.exists() else []
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+def _rmdir_all(path: Path, retries: int = 0) -> bool:
+    """Remove a cgroup folder and its children; True once gone. One still busy
+    (its processes dying) is tried again every 0.25 s, `retries` more times."""
+    try:
+        for child in path.glob("*/"):
+            child.rmdir()
+        path.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        if retries:
+            asyncio.get_running_loop().call_later(0.25, _rmdir_all, path, retries - 1)
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -582,6 +975,7 @@ def _not_yet(feature: str) -> PairError:
 ROOMS = web.AppKey("rooms", Rooms)
 CONFIG = web.AppKey("config", Config)
 STARTED = web.AppKey("started", float)
+RUNNER = web.AppKey("runner", Runner)
 
 
 def error_response(status: int, code: str, message: str, **headers: str) -> web.Response:
@@ -663,12 +1057,23 @@ async def autocomplete(request: web.Request) -> web.Response:
 
 async def execute(request: web.Request) -> web.Response:
     """POST /execute {code, language?, stdin?, timeout?} -> the run's result."""
-    raise _not_yet("code execution")
+    config, body = request.app[CONFIG], await _json_body(request)
+    code, stdin = _get(body, "code", str), _get(body, "stdin", str, "")
+    if max(len(code), len(stdin)) > config.max_source:  # chars: a cheap first look
+        raise PairError("too_large", f"code and stdin may each have at most {config.max_source} bytes", 413)
+    if max(len(code.encode("utf-8", "replace")), len(stdin.encode("utf-8", "replace"))) > config.max_source:
+        raise PairError("too_large", f"code and stdin may each have at most {config.max_source} bytes", 413)
+    timeout = _get(body, "timeout", (int, float), config.timeout)
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise PairError("bad_request", "'timeout' must be a positive number of seconds")
+    result = await request.app[RUNNER].run(_get(body, "language", str, "python"), code, stdin,
+                                           min(timeout, config.max_timeout))
+    return web.json_response(result)
 
 
 async def languages(request: web.Request) -> web.Response:
-    """GET /languages -> what this machine can run."""
-    raise _not_yet("code execution")
+    """GET /languages -> what this machine can run, and how runs are isolated."""
+    return web.json_response(await request.app[RUNNER].describe())
 
 
 async def health(request: web.Request) -> web.Response:
@@ -753,7 +1158,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     try:
         async for msg in ws:
             if msg.type is WSMsgType.TEXT:
-                _receive(room, client, msg.data)
+                _receive(request.app, room, client, msg.data)
             elif msg.type is WSMsgType.BINARY:
                 client.send(_message("error", code="bad_message", message="send JSON in text frames"))
             # Reading a burst of buffered frames never suspends: let the
@@ -770,7 +1175,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-def _receive(room: Room, client: Client, data: str) -> None:
+def _receive(app: web.Application, room: Room, client: Client, data: str) -> None:
     """Handle one message from a client; a refusal goes back to it alone."""
     seq = None
     try:
@@ -785,14 +1190,14 @@ def _receive(room: Room, client: Client, data: str) -> None:
         handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
         if handler is None:
             raise PairError("bad_message", f"unknown message type {kind!r}")
-        handler(room, client, msg)
+        handler(room, client, msg, app)
     except PairError as e:
         log.info("refused %s from %s in room %s: %s", e.code, client.id, room.id, e.message)
         fields = {"seq": seq} if seq is not None else {}
         client.send(_message("error", code=e.code, message=e.message, **fields))
 
 
-def _on_code_update(room: Room, client: Client, msg: dict) -> None:
+def _on_code_update(room: Room, client: Client, msg: dict, app: web.Application) -> None:
     seq = _get(msg, "seq", (int, str), None, code="bad_message")
     if "changes" in msg:
         version = _get(msg, "version", int, code="bad_version")
@@ -815,13 +1220,13 @@ def _on_code_update(room: Room, client: Client, msg: dict) -> None:
         other.send(full if other.full else plain)
 
 
-def _on_cursor(room: Room, client: Client, msg: dict) -> None:
+def _on_cursor(room: Room, client: Client, msg: dict, app: web.Application) -> None:
     cursor = room.set_cursor(client, _get(msg, "position", int), _get(msg, "selectionEnd", int, None))
     shown = {k: v for k, v in cursor.items() if v is not None}
     _broadcast(room, _message("cursor", clientId=client.id, **shown), skip=client)
 
 
-def _on_language(room: Room, client: Client, msg: dict) -> None:
+def _on_language(room: Room, client: Client, msg: dict, app: web.Application) -> None:
     language = _get(msg, "language", str)
     if not _LANGUAGE.match(language):
         raise PairError("bad_request", "'language' must be a short lowercase name such as 'python'")
@@ -829,16 +1234,58 @@ def _on_language(room: Room, client: Client, msg: dict) -> None:
     _broadcast(room, _message("language", language=language, clientId=client.id))
 
 
-def _on_execute(room: Room, client: Client, msg: dict) -> None:
-    raise _not_yet("code execution")
+def _on_execute(room: Room, client: Client, msg: dict, app: web.Application) -> None:
+    stdin = _get(msg, "stdin", str, "")
+    if room.execution["running"]:
+        raise PairError("execution_locked", f"{room.execution['clientId']} is running the code")
+    room.execution = {"running": True, "clientId": client.id}
+    room.cancel = asyncio.Event()
+    _broadcast(room, _message("execution_lock", locked=True, clientId=client.id))
+    app[ROOMS].spawn(_run_in_room(app, room, client, stdin))
 
 
-_HANDLERS: dict[str, Callable[[Room, Client, dict], None]] = {
+def _on_execute_cancel(room: Room, client: Client, msg: dict, app: web.Application) -> None:
+    if not room.execution["running"]:
+        raise PairError("not_running", "nothing is running in this room")
+    room.cancel.set()
+
+
+async def _run_in_room(app: web.Application, room: Room, client: Client, stdin: str) -> None:
+    """Run the room's code, streaming its output to everyone in batches of at
+    most one message per stream each 50 ms; always release the lock."""
+    pending: list[tuple[str, str]] = []
+
+    def flush() -> None:
+        while pending:
+            stream = pending[0][0]
+            n = next((i for i, (s, _) in enumerate(pending) if s != stream), len(pending))
+            data = "".join(text for _, text in pending[:n])
+            del pending[:n]
+            _broadcast(room, _message("execution_output", stream=stream, data=data))
+
+    def on_output(stream: str, text: str) -> None:
+        if not pending:
+            asyncio.get_running_loop().call_later(0.05, flush)
+        pending.append((stream, text))
+
+    try:
+        result = await app[RUNNER].run(room.language, room.code, stdin, app[CONFIG].timeout,
+                                       on_output, room.cancel)
+        flush()
+        _broadcast(room, _message("execution_result", clientId=client.id, **result))
+    except PairError as e:
+        client.send(_message("error", code=e.code, message=e.message))
+    finally:
+        room.execution = {"running": False, "clientId": None}
+        _broadcast(room, _message("execution_lock", locked=False, clientId=client.id))
+
+
+_HANDLERS: dict[str, Callable[[Room, Client, dict, web.Application], None]] = {
     "code_update": _on_code_update,     # edits, rebased and echoed to everyone
     "cursor": _on_cursor,               # presence, to the others
     "language": _on_language,           # the room's language, to everyone
-    "execute": _on_execute,             # runs: issue 3
-    "execute_cancel": _on_execute,
+    "execute": _on_execute,             # run the room's code, output to everyone
+    "execute_cancel": _on_execute_cancel,
 }
 
 
@@ -852,6 +1299,13 @@ async def _close_sockets(app: web.Application) -> None:
                      WSCloseCode.GOING_AWAY, b"server shutting down")
 
 
+async def _runner_lifetime(app: web.Application):
+    """Start the interpreter pools with the app; kill every run when it stops."""
+    await app[RUNNER].start()
+    yield
+    await app[RUNNER].stop()
+
+
 def create_app(**options: Any) -> web.Application:
     """Build the server as an aiohttp Application; `options` are Config's fields.
 
@@ -861,7 +1315,9 @@ def create_app(**options: Any) -> web.Application:
         or secrets.token_urlsafe(24)
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_message)
     app[CONFIG], app[ROOMS], app[STARTED] = config, Rooms(config), time.monotonic()
+    app[RUNNER] = Runner(config)
     app.on_shutdown.append(_close_sockets)
+    app.cleanup_ctx.append(_runner_lifetime)
     routes = [
         web.post("/rooms", create_room),
         web.get("/rooms/{roomId}", get_room),
@@ -906,18 +1362,24 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the server from the command line until SIGINT or SIGTERM."""
-    args = vars(_parser().parse_args(argv))
+    parser = _parser()
+    args = vars(parser.parse_args(argv))
     host, port = args.pop("host"), args.pop("port")
     logging.basicConfig(level=args.pop("log_level"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(**{k: v for k, v in args.items() if v is not None})
+    try:
+        app = create_app(**{k: v for k, v in args.items() if v is not None})
+    except ValueError as e:
+        parser.error(str(e))
 
-    async def banner(app: web.Application) -> None:
+    def banner(_: str) -> None:  # run_app calls this once it listens
         shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
         print(f"pairserver on http://{shown}:{port}/  (rooms in memory: they end with the process)\n"
               f"admin token: {app[CONFIG].admin_token}", flush=True)
 
-    app.on_startup.append(banner)
-    web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=5)
+    try:
+        web.run_app(app, host=host, port=port, print=banner, access_log=None, shutdown_timeout=5)
+    except (RuntimeError, OSError) as e:  # bwrap unusable, port taken
+        sys.exit(f"pairserver: {e}")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,12 @@ import os
 import random
 import signal
 import socket
+import platform
+import resource
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -348,11 +352,9 @@ async def test_cors_lets_a_browser_page_call_the_api(aiohttp_client):
     assert "Access-Control-Allow-Origin" not in resp.headers
 
 
-async def test_execution_and_autocomplete_routes_answer_not_implemented_yet(server):
-    for resp in (await server.post("/execute", json={"code": "1"}),
-                 await server.post("/autocomplete", json={"code": "", "cursorPosition": 0}),
-                 await server.get("/languages")):
-        assert resp.status == 501 and (await resp.json())["error"]["code"] == "not_implemented"
+async def test_autocomplete_route_answers_not_implemented_yet(server):
+    resp = await server.post("/autocomplete", json={"code": "", "cursorPosition": 0})
+    assert resp.status == 501 and (await resp.json())["error"]["code"] == "not_implemented"
 
 
 async def test_python_api_for_embedding_scripts(aiohttp_client):
@@ -744,3 +746,303 @@ async def test_sigterm_closes_sockets_with_1001_and_exits_cleanly(tmp_path):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# ---------------------------------------------------------------------------
+# Running code: POST /execute, GET /languages, and runs in a room
+# ---------------------------------------------------------------------------
+
+BWRAP = shutil.which("bwrap")
+needs_bwrap = pytest.mark.skipif(not BWRAP, reason="bwrap is not installed (apt-get install bubblewrap)")
+NODE = shutil.which("node")
+
+
+async def run(server, code, **fields) -> dict:
+    resp = await server.post("/execute", json={"code": code, **fields})
+    assert resp.status == 200, await resp.text()
+    return await resp.json()
+
+
+def host_processes(marker: str) -> list[int]:
+    """Pids on this machine whose command line holds marker."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+async def until(condition, seconds=5.0) -> bool:
+    """Poll a condition that no event announces (the kernel tearing down a
+    namespace) until it holds or the time is up."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def test_languages_says_what_runs_here_and_how(server):
+    body = await (await server.get("/languages")).json()
+    names = {lang["name"]: lang for lang in body["languages"]}
+    assert names["python"]["version"] == platform.python_version()
+    assert ("javascript" in names) == bool(NODE)
+    assert body["sandbox"] == ("bwrap" if BWRAP else "rlimits")
+
+
+async def test_output_exit_codes_stdin_and_tracebacks(server):
+    # Each print waits until the server has read it (FIONREAD: bytes still in the pipe),
+    # so the order is the program's and not a race between two pipes.
+    result = await run(server, """import fcntl, struct, sys, termios
+def say(text, stream):
+    print(text, file=stream)
+    while struct.unpack('i', fcntl.ioctl(stream, termios.FIONREAD, b'0000'))[0]:
+        pass
+say('out', sys.stdout); say('err', sys.stderr); say('out2', sys.stdout)""")
+    assert result["output"] == "out\nerr\nout2\n"  # the program's order
+    assert (result["stdout"], result["stderr"]) == ("out\nout2\n", "err\n")
+    assert result["exitCode"] == 0 and not result["timedOut"] and not result["truncated"]
+    assert 0 < result["durationMs"] < 5000
+    assert (await run(server, "raise SystemExit(3)"))["exitCode"] == 3
+    result = await run(server, "def f():\n    1/0\nf()")
+    assert result["exitCode"] == 1
+    assert result["stderr"].startswith('Traceback (most recent call last):\n  File "main.py", line 3')
+    assert "ZeroDivisionError" in result["stderr"] and "<string>" not in result["stderr"]
+    assert (await run(server, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"))["exitCode"] == -9
+    assert (await run(server, "print(input()[::-1], input())", stdin="olleh\nwörld 😀\n"))["output"] \
+        == "hello wörld 😀\n"
+    result = await run(server, "input()")  # no stdin: EOF at once, never a hang
+    assert result["exitCode"] == 1 and "EOFError" in result["stderr"]
+    result = await run(server, "import sys; sys.stdout.buffer.write(b'ok \\xff\\xfe end')")
+    assert result["output"] == "ok \ufffd\ufffd end"
+
+
+@pytest.mark.skipif(not NODE, reason="node is not on PATH")
+async def test_javascript_runs_when_node_is_installed(server):
+    result = await run(server, "const x = [1, 2, 3];\nconsole.log(x.map(n => n * 2).join(' '));"
+                               "\nconsole.error('oops'); process.exit(4)", language="javascript")
+    assert result["stdout"] == "2 4 6\n" and result["stderr"] == "oops\n" and result["exitCode"] == 4
+
+
+async def test_an_infinite_loop_times_out_and_the_server_stays_responsive(server):
+    running = asyncio.ensure_future(run(server, "while True: pass", timeout=2))
+    for _ in range(5):  # health answers while the loop spins
+        started = time.monotonic()
+        assert (await server.get("/health")).status == 200
+        assert time.monotonic() - started < 0.5
+    result = await running
+    assert result["timedOut"] and result["exitCode"] == -9
+    assert 2000 <= result["durationMs"] < 3500
+
+
+async def test_a_print_flood_is_truncated_and_server_memory_stays_bounded(server):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = await run(server, "while True: print('x' * 999)")
+    assert result["truncated"] and not result["timedOut"] and result["exitCode"] == -9
+    assert 60_000 < len(result["output"].encode()) <= 64 * 1024
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 20_000  # KiB
+
+
+async def test_a_memory_bomb_is_stopped_by_the_memory_limit(server):
+    result = await run(server, "blocks = []\nwhile True: blocks.append(bytearray(50 << 20))", timeout=20)
+    assert not result["timedOut"] and result["durationMs"] < 10_000
+    assert result["exitCode"] != 0 and ("MemoryError" in result["stderr"] or result["exitCode"] == -9)
+
+
+@needs_bwrap
+async def test_a_fork_bomb_and_a_new_session_child_leave_nothing_behind(aiohttp_client):
+    server = await aiohttp_client(create_app(pool=0))
+    marker = f"pairserver-test-{os.getpid()}-{random.getrandbits(32)}"
+    escapee = ("import subprocess, sys\n"
+               f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', '{marker}'],"
+               " start_new_session=True)\nprint('left a child behind')")
+    assert (await run(server, escapee))["output"] == "left a child behind\n"
+    bomb = ("import os, sys\nwhile True:\n    try:\n        if os.fork() == 0:\n"
+            f"            os.execv(sys.executable, [sys.executable, '-c', 'while True: pass', '{marker}'])\n"
+            "    except OSError:\n        pass")
+    result = await run(server, bomb, timeout=2)
+    assert result["exitCode"] == -9  # the timeout, or the memory limit of all the processes together
+    assert await until(lambda: not host_processes(marker)), host_processes(marker)
+    assert (await server.get("/health")).status == 200
+
+
+@needs_bwrap
+async def test_the_sandbox_hides_the_host_the_server_and_the_network(server, tmp_path, monkeypatch):
+    home = os.path.expanduser("~")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the database password")
+    monkeypatch.setenv("PAIRSERVER_TEST_SECRET", "hunter2")
+    code = f"""import os, socket
+for path in [{str(secret)!r}, {str(HERE / 'pairserver.py')!r}, '/etc/passwd']:
+    print(path, os.path.exists(path))
+print(os.path.exists({home!r}) and os.listdir({home!r}))
+print(sorted(os.environ))
+print(os.getcwd(), os.listdir('.'), os.getuid())
+try:
+    socket.create_connection(('127.0.0.1', {server.port}), timeout=2)
+    print('connected')
+except OSError as e:
+    print('no network')
+"""
+    lines = (await run(server, code))["output"].splitlines()
+    assert lines[:3] == [f"{secret} False", f"{HERE / 'pairserver.py'} False", "/etc/passwd False"]
+    # the home folder is absent, or holds only the way to the interpreter bound read-only
+    interpreter = os.path.realpath(sys.executable)
+    inside = Path(interpreter).relative_to(home).parts[:1] if interpreter.startswith(home) else None
+    assert lines[3] == (str(list(inside)) if inside else "False")
+    assert "PAIRSERVER_TEST_SECRET" not in lines[4] and "hunter2" not in lines[4]
+    assert lines[5] == "/work ['main.py'] 65534" and lines[6] == "no network"
+    # the run's files vanish with it
+    await run(server, "open('keep.txt', 'w').write('x')")
+    assert (await run(server, "import os; print(sorted(os.listdir('.')))"))["output"] == "['main.py']\n"
+
+
+async def test_without_bwrap_runs_keep_limits_and_a_cleared_environment(aiohttp_client, monkeypatch):
+    monkeypatch.setenv("PAIRSERVER_TEST_SECRET", "hunter2")
+    server = await aiohttp_client(create_app(sandbox="none", pool=1))
+    assert (await (await server.get("/languages")).json())["sandbox"] == "rlimits"
+    result = await run(server, "import os; print(sorted(os.environ), os.getcwd())")
+    names, cwd = result["output"].rsplit(" ", 1)
+    assert "PAIRSERVER_TEST_SECRET" not in names and "pairserver-run-" in cwd
+    assert await until(lambda: not os.path.exists(cwd.strip()))  # its folder is removed
+    assert (await run(server, "while True: pass", timeout=1))["timedOut"]
+
+
+async def test_sandbox_bwrap_without_bwrap_is_a_startup_error(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ValueError, match="bwrap is not installed"):
+        create_app(sandbox="bwrap")
+
+
+@pytest.mark.parametrize("body, status, code", [
+    ({"code": "1", "language": "cobol"}, 400, "unsupported_language"),
+    ({"code": 1}, 400, "bad_request"),
+    ({}, 400, "bad_request"),
+    ({"code": "1", "timeout": 0}, 400, "bad_request"),
+    ({"code": "1", "timeout": -1}, 400, "bad_request"),
+    ({"code": "1", "timeout": "5"}, 400, "bad_request"),
+    ({"code": "1", "timeout": True}, 400, "bad_request"),
+    ({"code": "1", "stdin": 5}, 400, "bad_request"),
+])
+async def test_execute_refuses_bad_requests(server, body, status, code):
+    resp = await server.post("/execute", json=body)
+    assert resp.status == status and (await resp.json())["error"]["code"] == code
+
+
+async def test_execute_refuses_code_or_stdin_over_the_size_limit(aiohttp_client):
+    server = await aiohttp_client(create_app(max_source=100))
+    for body in ({"code": "x" * 101}, {"code": "é" * 51}, {"code": "1", "stdin": "x" * 101}):
+        resp = await server.post("/execute", json=body)
+        assert resp.status == 413 and (await resp.json())["error"]["code"] == "too_large"
+    assert (await run(server, "print(1)" + " " * 92))["output"] == "1\n"
+
+
+async def test_execute_refuses_a_non_finite_timeout(server):
+    resp = await server.post("/execute", data=b'{"code": "1", "timeout": 1e999}')
+    assert resp.status == 400 and (await resp.json())["error"]["code"] == "bad_request"
+
+
+async def test_a_timeout_above_the_maximum_is_clamped(aiohttp_client):
+    server = await aiohttp_client(create_app(max_timeout=1))
+    result = await run(server, "while True: pass", timeout=60)
+    assert result["timedOut"] and result["durationMs"] < 2500
+
+
+async def test_thirty_concurrent_runs_are_each_answered(aiohttp_client):
+    server = await aiohttp_client(create_app(max_runs=2, max_queue=4))
+    responses = await asyncio.gather(*(server.post("/execute", json={"code": f"print({i})"})
+                                       for i in range(30)))
+    statuses = sorted(r.status for r in responses)
+    assert set(statuses) <= {200, 429} and 200 in statuses and 429 in statuses
+    for i, resp in enumerate(responses):
+        body = await resp.json()
+        if resp.status == 200:
+            assert body["output"] == f"{i}\n"
+        else:
+            assert body["error"]["code"] == "too_busy" and resp.headers["Retry-After"]
+
+
+async def next_run_messages(ws) -> list[dict]:
+    """Messages of one run, from the lock to the unlock."""
+    messages = []
+    while not messages or messages[-1] != {"type": "execution_lock", "locked": False,
+                                           "clientId": messages[0]["clientId"]}:
+        msg = await ws.receive_json(timeout=10)
+        if msg["type"].startswith("execution_"):
+            messages.append(msg)
+    return messages
+
+
+async def test_a_run_in_a_room_streams_to_everyone(server):
+    room = await make_room(server, "import time\nprint('start', flush=True)\ntime.sleep(0.3)\n"
+                                   "print(input())\n")
+    alice, _ = await join(server, room, "alice")
+    bob, _ = await join(server, room, "bob")
+    await next_of(alice, "user_joined")
+    await alice.send_json({"type": "execute", "stdin": "from stdin\n"})
+    for ws in (alice, bob):
+        messages = await next_run_messages(ws)
+        assert messages[0] == {"type": "execution_lock", "locked": True, "clientId": "alice"}
+        outputs = [m for m in messages if m["type"] == "execution_output"]
+        assert outputs[0] == {"type": "execution_output", "stream": "stdout", "data": "start\n"}
+        assert "".join(m["data"] for m in outputs) == "start\nfrom stdin\n"
+        result = messages[-2]
+        assert result["type"] == "execution_result" and result["clientId"] == "alice"
+        assert result["output"] == "start\nfrom stdin\n" and result["exitCode"] == 0
+        assert result["cancelled"] is False
+    state = await (await server.get(f"/rooms/{room}")).json()
+    assert state["execution"] == {"running": False, "clientId": None}
+    for ws in (alice, bob):
+        await ws.close()
+
+
+async def test_a_second_run_is_refused_while_one_runs_and_cancel_stops_it(server):
+    room = await make_room(server, "print('looping', flush=True)\nwhile True: pass\n")
+    alice, _ = await join(server, room, "alice")
+    bob, _ = await join(server, room, "bob")
+    await alice.send_json({"type": "execute"})
+    assert (await next_of(bob, "execution_lock"))["locked"] is True
+    state = await (await server.get(f"/rooms/{room}")).json()
+    assert state["execution"] == {"running": True, "clientId": "alice"}
+    await bob.send_json({"type": "execute"})
+    assert (await expect_error(bob, "execution_locked"))["message"].startswith("alice")
+    assert (await next_of(bob, "execution_output"))["data"] == "looping\n"
+    await bob.send_json({"type": "execute_cancel"})  # anyone in the room may stop it
+    result = await next_of(bob, "execution_result")
+    assert result["cancelled"] is True and result["exitCode"] == -9 and not result["timedOut"]
+    assert await next_of(bob, "execution_lock") == {"type": "execution_lock", "locked": False,
+                                                    "clientId": "alice"}
+    await bob.send_json({"type": "execute_cancel"})
+    await expect_error(bob, "not_running")
+    for ws in (alice, bob):
+        await ws.close()
+
+
+async def test_the_lock_is_released_when_the_starter_disconnects(server):
+    room = await make_room(server, "import time\ntime.sleep(0.5)\nprint('done')\n")
+    alice, _ = await join(server, room, "alice")
+    bob, _ = await join(server, room, "bob")
+    await alice.send_json({"type": "execute"})
+    assert (await next_of(bob, "execution_lock"))["locked"] is True
+    await alice.close()
+    assert (await next_of(bob, "execution_output"))["data"] == "done\n"
+    assert (await next_of(bob, "execution_result"))["output"] == "done\n"
+    assert (await next_of(bob, "execution_lock"))["locked"] is False
+    await bob.send_json({"type": "execute"})  # the room is free again
+    messages = await next_run_messages(bob)
+    assert messages[0]["clientId"] == "bob" and messages[-2]["output"] == "done\n"
+    await bob.close()
+
+
+async def test_a_run_in_an_unsupported_language_is_refused_and_unlocked(server):
+    room = await make_room(server, "main = putStrLn 1", language="haskell")
+    alice, _ = await join(server, room, "alice")
+    await alice.send_json({"type": "execute"})
+    assert (await next_of(alice, "execution_lock"))["locked"] is True
+    await expect_error(alice, "unsupported_language")
+    assert (await next_of(alice, "execution_lock"))["locked"] is False
+    await alice.close()
