@@ -1,6 +1,7 @@
 """Benchmarks for pairserver, each beside a baseline measured in the same run.
 
     python bench.py collab [--rooms 50 --clients 6 --rate 5 --seconds 10]
+    python bench.py execute [--runs 50 --seconds 10]
 
 collab: R rooms x C clients, each client typing one character at a steady
 rate over a real WebSocket. It reports edit->peer latency (from a client
@@ -8,6 +9,11 @@ sending an update to each other client of the room receiving it), updates/s
 and server memory per idle connection, for pairserver and for a bare aiohttp
 relay (receive a frame, send it to the room's sockets, nothing else). Both
 servers run as their own processes; the load comes from this one.
+
+execute: print('hi') through POST /execute, p50/p95 of the round trip, beside
+the same interpreter started cold the way the server would start one (same
+sandbox, same limits) and beside the server with no pool; then runs/second
+with 8 clients posting at once.
 """
 
 import argparse
@@ -195,6 +201,84 @@ def collab(args: argparse.Namespace) -> None:
           f"(target <= 2x), memory {p['kib'] / r['kib']:.2f}x ({p['kib']:.1f} KiB, target <= 25)")
 
 
+# ---------------------------------------------------------------------------
+# execute: round trips against cold starts
+# ---------------------------------------------------------------------------
+
+def percentile(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p))] * 1000
+
+
+async def round_trips(port: int, runs: int) -> list[float]:
+    times = []
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+        for _ in range(runs + 3):  # the first three warm up
+            started = time.perf_counter()
+            result = await (await http.post("/execute", json={"code": "print('hi')"})).json()
+            assert result["output"] == "hi\n", result
+            times.append(time.perf_counter() - started)
+            await asyncio.sleep(0.05)  # a person's pace: the pool refills between runs
+    return times[3:]
+
+
+async def throughput(port: int, clients: int, seconds: float) -> tuple[float, int]:
+    done, busy = 0, 0
+    stop_at = time.perf_counter() + seconds
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+        async def client():
+            nonlocal done, busy
+            while time.perf_counter() < stop_at:
+                resp = await http.post("/execute", json={"code": "print('hi')"})
+                await resp.read()
+                done, busy = done + (resp.status == 200), busy + (resp.status == 429)
+        await asyncio.gather(*(client() for _ in range(clients)))
+    return done / seconds, busy
+
+
+def cold_starts(runs: int) -> list[float]:
+    """The interpreter started as the server would start one cold: same
+    sandbox, same limits, without the pool and without HTTP."""
+    import functools
+    import pairserver
+    config = pairserver.Config()
+    runner = pairserver.Runner(config)
+    python = runner.languages["python"].executable
+    argv = [python, "-I", "-u", "-c", "print('hi')"]
+    argv = runner.sandboxed(argv) if runner.bwrap else argv
+    times = []
+    for _ in range(runs + 3):
+        started = time.perf_counter()
+        out = subprocess.run(argv, capture_output=True, env={"PATH": "/usr/bin:/bin"}, start_new_session=True,
+                             preexec_fn=functools.partial(pairserver._limit_child, config, []))
+        assert out.stdout == b"hi\n", out
+        times.append(time.perf_counter() - started)
+    return times[3:]
+
+
+def execute(args: argparse.Namespace) -> None:
+    cold = cold_starts(args.runs)
+    figures = {}
+    for name, flags in (("pooled", []), ("no pool", ["--pool", "0"])):
+        port = free_port()
+        proc = start("pairserver", port, *flags)
+        try:
+            figures[name] = asyncio.run(round_trips(port, args.runs))
+            if name == "pooled":
+                rate, busy = asyncio.run(throughput(port, 8, args.seconds))
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    print(f"execute: print('hi'), {args.runs} runs each")
+    print(f"{'':34} {'p50 ms':>8} {'p95 ms':>8}")
+    print(f"{'cold interpreter, same sandbox':34} {percentile(cold, .5):8.1f} {percentile(cold, .95):8.1f}")
+    for name, times in figures.items():
+        print(f"{'POST /execute, ' + name:34} {percentile(times, .5):8.1f} {percentile(times, .95):8.1f}")
+    ratio = percentile(figures["pooled"], .5) / percentile(cold, .5)
+    print(f"pooled round trip / cold start, p50: {ratio:.2f}x (target <= 0.5x)")
+    print(f"throughput, 8 clients at once: {rate:.1f} runs/s ({busy} answered 429)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="name", required=True)
@@ -204,13 +288,16 @@ def main() -> None:
     c.add_argument("--rate", type=float, default=5.0, help="edits per second per client")
     c.add_argument("--seconds", type=float, default=10.0)
     c.add_argument("--idle", type=int, default=1000, help="idle connections for the memory figure")
+    e = sub.add_parser("execute", help="run round trips against cold starts, and throughput")
+    e.add_argument("--runs", type=int, default=50)
+    e.add_argument("--seconds", type=float, default=10.0, help="length of the throughput test")
     r = sub.add_parser("relay", help="run the bare relay (the baseline) alone")
     r.add_argument("--port", type=int, default=8766)
     args = parser.parse_args()
     if args.name == "relay":
         web.run_app(relay_app(), port=args.port, print=None, access_log=None)
     else:
-        collab(args)
+        {"collab": collab, "execute": execute}[args.name](args)
 
 
 if __name__ == "__main__":

@@ -606,6 +606,15 @@ def _not_yet(feature: str) -> PairError:
 # program answers in the time it takes to run, not to start.
 
 _PY_BOOT = """import os, sys
+def _end(status):  # what exiting does that a program can see, without the slow teardown
+    if "threading" in sys.modules:
+        sys.modules["threading"]._shutdown()
+    __import__("atexit")._run_exitfuncs()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(status)
+def _show(e, tb):  # the traceback a plain `python main.py` prints
+    sys.excepthook(type(e), e, e.with_traceback(tb).__traceback__)
+    _end(1)
 def _boot():
     head = b""
     while not head.endswith(b"\\n"):
@@ -615,17 +624,22 @@ def _boot():
         src += os.read(0, size - len(src)) or sys.exit(0)
     with open("main.py", "wb") as f:
         f.write(src)
-    return compile(src, "main.py", "exec")
+    try:
+        return compile(src, "main.py", "exec")
+    except SyntaxError as e:
+        _show(e, None)
 code = _boot()
-del _boot, os
+del _boot
 sys.argv, __file__ = ["main.py"], "main.py"
 try:
     exec(code)
-except SystemExit:
-    raise
-except BaseException as e:  # the traceback a plain `python main.py` prints
-    sys.excepthook(type(e), e, e.with_traceback(e.__traceback__.tb_next).__traceback__)
-    sys.exit(1)
+except SystemExit as e:
+    if not isinstance(e.code, int | None):
+        print(e.code, file=sys.stderr)
+    _end(e.code if isinstance(e.code, int) else int(e.code is not None))
+except BaseException as e:
+    _show(e, e.__traceback__.tb_next)
+_end(0)
 """
 _JS_BOOT = """const fs = require("fs"), one = Buffer.alloc(1); let head = "";
 while (!head.endsWith("\\n")) { if (fs.readSync(0, one, 0, 1) !== 1) process.exit(0); head += one.toString(); }
@@ -782,10 +796,12 @@ class Runner:
         finally:
             self._waiting -= 1
         try:
-            proc = self._take(language)
-            return await self._run(proc, code, stdin, timeout, on_output, cancel)
+            return await self._run(self._take(language), code, stdin, timeout, on_output, cancel)
         finally:
             self._slots.release()
+            # Refill only now: a new process joining its cgroup (v1) stalls every
+            # fork and exit on the machine for an RCU grace period, this run's too.
+            self._refill(language)
 
     async def _run(self, proc, code, stdin, timeout, on_output, cancel) -> dict:
         await proc.ready
@@ -818,11 +834,10 @@ class Runner:
                 "cancelled": cancelled in done and killed, "durationMs": round(duration * 1000, 1)}
 
     def _take(self, language: str) -> _Process:
-        """A waiting interpreter from the pool (replaced at once), or a cold one."""
+        """A waiting interpreter from the pool, or a cold one."""
         pool = self._pool[language]
         while pool:
             proc = pool.popleft()
-            self._refill(language)
             if not proc.exited.done():
                 return proc
             self._discard(proc)
@@ -843,7 +858,7 @@ class Runner:
         proc.cgroups = _make_cgroup(self._cgroup_base, f"run{self._count}", self.config)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/work"}
         if self.bwrap:
-            argv = [*self._bwrap_args(argv[0]), *argv]
+            argv = self.sandboxed(argv)
         else:
             proc.workdir = tempfile.mkdtemp(prefix="pairserver-run-")
             env["HOME"] = proc.workdir
@@ -852,9 +867,10 @@ class Runner:
             lambda: proc, *argv, cwd=proc.workdir, env=env, start_new_session=True,
             preexec_fn=functools.partial(_limit_child, self.config, proc.cgroups))
 
-    def _bwrap_args(self, executable: str) -> list[str]:
-        """A sandbox with no network, no host files but the interpreter's, a
-        private /work and /tmp, its own pids, as an unprivileged user."""
+    def sandboxed(self, argv: list[str]) -> list[str]:
+        """argv inside bwrap: no network, no host files but the interpreter's,
+        a private /work and /tmp, its own pids, as an unprivileged user."""
+        executable = argv[0]
         args = [self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
                 "--uid", "65534", "--gid", "65534", "--ro-bind", "/usr", "/usr", "--proc", "/proc",
                 "--dev", "/dev", "--size", str(self.config.max_file), "--tmpfs", "/tmp",
@@ -867,7 +883,7 @@ class Runner:
         prefix = os.path.dirname(os.path.dirname(executable))
         if not prefix.startswith("/usr"):
             args += ["--ro-bind", prefix, prefix]
-        return args
+        return args + argv
 
     def _kill(self, proc: _Process) -> None:
         """Kill the run's whole tree: its pid namespace goes with bwrap; its
