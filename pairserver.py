@@ -36,6 +36,7 @@ import resource
 import secrets
 import shutil
 import signal
+import struct
 import sys
 import tempfile
 import time
@@ -377,7 +378,13 @@ class Stale(Exception):
 
 @dataclass
 class Client:
-    """One connected socket of a room, with its bounded outgoing queue."""
+    """One connected socket of a room.
+
+    Messages are written straight into the connection's transport as
+    ready-made WebSocket frames: one bytes object per broadcast serves every
+    socket, and no task or queue is kept per socket. The transport's buffer is
+    the outgoing queue, bounded: a socket that falls too far behind is
+    dropped (it can reconnect and get `init`) so that it stalls nobody else."""
 
     id: str
     name: str
@@ -385,38 +392,30 @@ class Client:
     transport: asyncio.Transport | None = None
     full: bool = False                 #: wants the whole text in every code_update
     cursor: dict | None = None
-    backlog: deque = field(default_factory=deque)
-    backlog_bytes: int = 0
-    writer: asyncio.Task | None = None
     send_queue: int = 4 << 20
 
-    def send(self, data: str) -> None:
-        """Queue one message; a socket that falls too far behind is dropped
-        (it can reconnect and get `init`) so it stalls nobody else."""
-        if self.transport is None or self.transport.is_closing():
+    def send(self, frame: bytes) -> None:
+        """Queue one frame made by _frame()."""
+        if self.ws.closed or self.transport.is_closing():
             return
-        if self.backlog and self.backlog_bytes + len(data) > self.send_queue:
+        if self.transport.get_write_buffer_size() > self.send_queue:
             log.warning("client %s reads too slowly; dropping it", self.id)
-            self.backlog.clear()
             self.transport.abort()  # a close frame would wait behind the backlog
             return
-        self.backlog.append(data)
-        self.backlog_bytes += len(data)
-        if self.writer is None:
-            self.writer = asyncio.create_task(self._write())
-
-    async def _write(self) -> None:
-        try:
-            while self.backlog and not self.ws.closed:
-                await self.ws.send_str(self.backlog[0])
-                self.backlog_bytes -= len(self.backlog.popleft())
-        except ConnectionError:
-            pass  # the peer went away; its handler cleans up
-        finally:
-            self.writer = None
+        self.transport.write(frame)
 
     def describe(self) -> dict:
         return {"clientId": self.id, "name": self.name}
+
+
+def _frame(text: str) -> bytes:
+    """A server's WebSocket text frame (RFC 6455 5.2: final, unmasked, not
+    compressed), the same bytes for every socket."""
+    data = text.encode()
+    n = len(data)
+    head = bytes([0x81, n]) if n < 126 else struct.pack("!BBH", 0x81, 126, n) if n < 65536 \
+        else struct.pack("!BBQ", 0x81, 127, n)
+    return head + data
 
 
 @dataclass(eq=False)
@@ -1128,15 +1127,15 @@ async def index(request: web.Request) -> web.StreamResponse:
 # WebSocket: /ws/{roomId}/{clientId}
 # ---------------------------------------------------------------------------
 
-def _message(type: str, **fields: Any) -> str:
-    return _dumps({"type": type, **fields})
+def _message(type: str, **fields: Any) -> bytes:
+    return _frame(_dumps({"type": type, **fields}))
 
 
-def _broadcast(room: Room, data: str, skip: Client | None = None) -> None:
-    """Send one encoded message to the room's sockets: encoded once, not per socket."""
+def _broadcast(room: Room, frame: bytes, skip: Client | None = None) -> None:
+    """Send one frame to the room's sockets: encoded once, not per socket."""
     for client in list(room.clients.values()):
         if client is not skip:
-            client.send(data)
+            client.send(frame)
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
@@ -1177,13 +1176,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                 _receive(request.app, room, client, msg.data)
             elif msg.type is WSMsgType.BINARY:
                 client.send(_message("error", code="bad_message", message="send JSON in text frames"))
-            # Reading a burst of buffered frames never suspends: let the
-            # writers drain between messages, or one fast typist would fill
-            # everyone's queue before any of it is sent.
-            await asyncio.sleep(0)
     finally:
-        if client.writer:
-            client.writer.cancel()
         if room.clients.get(client_id) is client:
             del room.clients[client_id]
             _broadcast(room, _message("user_left", **client.describe()))
@@ -1229,10 +1222,10 @@ def _on_code_update(room: Room, client: Client, msg: dict, app: web.Application)
     update = {"type": "code_update", "version": room.version, "clientId": client.id, "changes": changes}
     if seq is not None:
         update["seq"] = seq
-    plain, full = _dumps(update), None
+    plain, full = _frame(_dumps(update)), None
     for other in list(room.clients.values()):
         if other.full:
-            full = full or _dumps({**update, "code": room.text})
+            full = full or _frame(_dumps({**update, "code": room.text}))
         other.send(full if other.full else plain)
 
 
