@@ -2,6 +2,7 @@
 
     python bench.py collab [--rooms 50 --clients 6 --rate 5 --seconds 10]
     python bench.py execute [--runs 50 --seconds 10]
+    python bench.py autocomplete [--files 25 --per-file 8 --seed 7]
 
 collab: R rooms x C clients, each client typing one character at a steady
 rate over a real WebSocket. It reports edit->peer latency (from a client
@@ -14,6 +15,13 @@ execute: print('hi') through POST /execute, p50/p95 of the round trip, beside
 the same interpreter started cold the way the server would start one (same
 sandbox, same limits) and beside the server with no pool; then runs/second
 with 8 clients posting at once.
+
+autocomplete: completion cases cut from the standard library's own source
+(files sampled with a fixed seed, at most 2,000 lines): an identifier being
+read keeps its first one or two letters and the rest of its line is dropped,
+as a person typing would leave it. Top-1, top-5 and mean reciprocal rank per
+kind of name, and latency, for pairserver's suggest() and for Jedi (installed
+for the benchmark only) on the same cases.
 """
 
 import argparse
@@ -279,6 +287,138 @@ def execute(args: argparse.Namespace) -> None:
     print(f"throughput, 8 clients at once: {rate:.1f} runs/s ({busy} answered 429)")
 
 
+# ---------------------------------------------------------------------------
+# autocomplete: stdlib cases against Jedi
+# ---------------------------------------------------------------------------
+
+def completion_cases(files: int, per_file: int, seed: int) -> list[dict]:
+    """Cut cases from standard-library files; each knows its kind of name."""
+    import ast
+    import builtins
+    import io
+    import keyword
+    import sysconfig
+    import tokenize
+    rng = random.Random(seed)
+    paths = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    rng.shuffle(paths)
+    cases = []
+    for path in paths:
+        src = path.read_text(encoding="utf-8", errors="replace")
+        lines = src.split("\n")
+        if len(lines) > 2000 or len(lines) < 100 or len([c for c in cases if c["path"] == path]):
+            continue
+        try:
+            tree = ast.parse(src)
+            tokens = list(tokenize.generate_tokens(io.StringIO(src).readline))
+        except (SyntaxError, tokenize.TokenError):
+            continue
+        kinds = name_kinds(tree)
+        names = [(t, tokens[i - 1]) for i, t in enumerate(tokens) if i and t.type == tokenize.NAME
+                 and not keyword.iskeyword(t.string) and len(t.string) > 2
+                 and tokens[i - 1].string not in ("def", "class", "import", "as")
+                 and not lines[t.start[0] - 1].lstrip().startswith(("import ", "from "))]
+        for tok, prev in rng.sample(names, min(per_file, len(names))):
+            row, col = tok.start[0] - 1, tok.start[1]
+            keep = rng.choice((1, 2))
+            line = lines[row][:col + keep]
+            code = "\n".join(lines[:row] + [line] + lines[row + 1:])
+            cursor = len("\n".join(lines[:row])) + (row > 0) + len(line)
+            if prev.string == ".":
+                owner = lines[row][:col - 1].rstrip()
+                owner = owner[len(owner.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_0123456789")):]
+                kind = "self." if owner == "self" else "module." if owner in kinds["modules"] else "other."
+            else:
+                kind = kinds["names"].get((tok.string, row + 1)) or kinds["names"].get(tok.string) or \
+                    ("builtin" if tok.string in dir(builtins) else "other")
+            cases.append({"path": path, "code": code, "cursor": cursor, "row": row + 1, "col": len(line),
+                          "want": tok.string, "kind": kind})
+        if len({c["path"] for c in cases}) >= files:
+            break
+    return cases
+
+
+def name_kinds(tree) -> dict:
+    """What each name of a file is, from its parsed source: param and local
+    by the function around a line, else global, function, class, import."""
+    import ast
+    names, modules = {}, set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names[node.name] = "function"
+        elif isinstance(node, ast.ClassDef):
+            names[node.name] = "class"
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                names[alias.asname or alias.name.split(".")[0]] = "import"
+                if isinstance(node, ast.Import):
+                    modules.add(alias.asname or alias.name.split(".")[0])
+        else:
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+                    names.setdefault(sub.id, "global")
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            params = {a.arg for a in [*fn.args.posonlyargs, *fn.args.args, *fn.args.kwonlyargs,
+                                      *filter(None, [fn.args.vararg, fn.args.kwarg])]}
+            stores = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            for line in range(fn.lineno, fn.end_lineno + 1):
+                for name in params:
+                    names[(name, line)] = "param"
+                for name in stores - params:
+                    names[(name, line)] = "local"
+    return {"names": names, "modules": modules}
+
+
+def rank_of(labels: list[str], want: str) -> int | None:
+    for i, label in enumerate(labels[:50]):
+        if label.rstrip("=") == want:
+            return i + 1
+    return None
+
+
+def autocomplete(args: argparse.Namespace) -> None:
+    import pairserver
+    try:
+        import jedi
+    except ImportError:
+        sys.exit("bench.py autocomplete compares with Jedi: pip install jedi")
+    cases = completion_cases(args.files, args.per_file, args.seed)
+    def jedi_labels(case):
+        try:
+            return [c.name for c in jedi.Script(case["code"], path=str(case["path"])).complete(
+                case["row"], case["col"])]
+        except Exception:  # Jedi gives up on some broken code; count it as not found
+            return []
+
+    engines = {"pairserver": lambda case: [s["label"] for s in pairserver.suggest(
+        case["code"], case["cursor"])["suggestions"]], "jedi": jedi_labels}
+    results = {name: [] for name in engines}
+    for name, engine in engines.items():  # one engine at a time, the cases in the same order
+        for case in cases:
+            started = time.perf_counter()
+            labels = engine(case)
+            results[name].append((case["kind"], rank_of(labels, case["want"]), time.perf_counter() - started))
+    kinds = sorted({c["kind"] for c in cases})
+    print(f"autocomplete: {len(cases)} cases from {len({c['path'] for c in cases})} stdlib files "
+          f"(seed {args.seed})")
+    print(f"{'kind':10} {'n':>4}  {'top-1':>13} {'top-5':>13} {'MRR':>13}   pairserver / jedi")
+    for kind in kinds + ["all"]:
+        row = []
+        for engine in ("pairserver", "jedi"):
+            ranks = [r for k, r, _ in results[engine] if kind in ("all", k)]
+            row.append((sum(r == 1 for r in ranks) / len(ranks), sum(bool(r) and r <= 5 for r in ranks) / len(ranks),
+                        sum(1 / r for r in ranks if r) / len(ranks), len(ranks)))
+        (p1, p5, pm, n), (j1, j5, jm, _) = row
+        print(f"{kind:10} {n:4}  {p1:6.2f}/{j1:<6.2f} {p5:6.2f}/{j5:<6.2f} {pm:6.2f}/{jm:<6.2f}")
+    for engine, rows in results.items():
+        times = [t for _, _, t in rows]
+        print(f"latency {engine:10} p50 {percentile(times, .5):7.2f} ms   p95 {percentile(times, .95):7.2f} ms")
+    ratio = percentile([t for _, _, t in results["pairserver"]], .5) / percentile(
+        [t for _, _, t in results["jedi"]], .5)
+    print(f"p50 latency pairserver / jedi: {ratio:.3f} (target <= 0.05)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="name", required=True)
@@ -291,13 +431,17 @@ def main() -> None:
     e = sub.add_parser("execute", help="run round trips against cold starts, and throughput")
     e.add_argument("--runs", type=int, default=50)
     e.add_argument("--seconds", type=float, default=10.0, help="length of the throughput test")
+    a = sub.add_parser("autocomplete", help="completion quality and latency against Jedi")
+    a.add_argument("--files", type=int, default=25)
+    a.add_argument("--per-file", type=int, default=8)
+    a.add_argument("--seed", type=int, default=7)
     r = sub.add_parser("relay", help="run the bare relay (the baseline) alone")
     r.add_argument("--port", type=int, default=8766)
     args = parser.parse_args()
     if args.name == "relay":
         web.run_app(relay_app(), port=args.port, print=None, access_log=None)
     else:
-        {"collab": collab, "execute": execute}[args.name](args)
+        {"collab": collab, "execute": execute, "autocomplete": autocomplete}[args.name](args)
 
 
 if __name__ == "__main__":

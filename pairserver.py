@@ -21,16 +21,21 @@ Embed it::
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
+import builtins
 import codecs
 import contextlib
 import dataclasses
 import functools
 import hmac
+import importlib.util
 import json
+import keyword
 import logging
 import math
 import os
+import pkgutil
 import re
 import resource
 import secrets
@@ -581,11 +586,360 @@ async def _close_all(clients, code: int, message: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Autocomplete: its route is in place; issue 4 fills it
+# Autocomplete: suggest, the scopes at the cursor, and what follows a dot
 # ---------------------------------------------------------------------------
+# While someone types, the text rarely parses. suggest() parses it one
+# top-level block at a time (cached: between keystrokes only one changes),
+# mending a line that breaks a block; in the cursor's block, the cursor's line
+# is cut there and its brackets closed, so that the word being typed is a name
+# in the innermost scope. It walks the tree down to that name collecting each
+# scope's names, and ranks them: how they match the typed prefix, then how near
+# the cursor they are used, then how near their scope is. The text's words
+# follow, for whatever a mended line defined.
 
-def _not_yet(feature: str) -> PairError:
-    return PairError("not_implemented", f"{feature} is not available in this version yet", 501)
+Suggestion = tuple  # (label, kind, detail, scope): scope 0 is the innermost
+_WORD = re.compile(r"[A-Za-z_]\w*")
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef,
+           ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+_PAIRS = {"(": ")", "[": "]", "{": "}"}
+
+
+@dataclass
+class _Parse:
+    """The text parsed around the cursor: the tree and where the cursor is in it."""
+
+    tree: ast.Module
+    row: int
+    col: int
+    globals: dict  #: {name: (kind, detail)} bound at the top level, block by block
+
+    def scopes(self) -> list[ast.AST]:
+        return _scope_chain(self.tree, self.row, self.col)
+
+    def classes(self) -> dict[str, ast.ClassDef]:
+        return {n.name: n for n in _statements(self.tree) if isinstance(n, ast.ClassDef)}
+
+
+def _statements(scope: ast.AST | None) -> list[ast.stmt]:
+    """A scope's statements, with those of its if, try and with blocks one level down."""
+    body = getattr(scope, "body", None)
+    return [n for top in body for n in [top, *getattr(top, "body", [])]] if isinstance(body, list) else []
+
+
+def suggest(code: str, cursor: int, language: str = "python") -> dict:
+    """The SPEC's autocomplete answer for a cursor (a str index into code):
+    {"suggestions", "from", "to"} with str indexes."""
+    start = cursor
+    while start and (code[start - 1].isalnum() or code[start - 1] == "_"):
+        start -= 1
+    prefix, before = code[start:cursor], code[code.rfind("\n", 0, start) + 1:start]
+    words = lambda kind, scope: [(w, kind, None, scope) for w in _words(code, start, cursor)]  # noqa: E731
+    if language != "python":
+        found = words("word", 0)
+    elif m := re.match(r"\s*from\s+([\w.]+)\s+import\s+\(?[\w\s,]*$", before):
+        found = [(n, k, d, 0) for n, (k, d) in _module_members(m.group(1)).items()]
+    elif m := re.match(r"\s*(?:import|from)\s+([\w.]+)\.$", before):
+        found = [(n, k, d, 0) for n, (k, d) in _module_members(m.group(1)).items() if k == "import"]
+    elif re.match(r"\s*(import|from)\s+([\w.]+\s*,\s*)*$", before):
+        found = [(n, "import", "module", 0) for n in sys.stdlib_module_names if not n.startswith("_")]
+    elif m := re.search(r"([A-Za-z_][\w.]*)\s*\.\s*$", before):
+        found = _attributes(_parse_near(code, start), m.group(1)) + \
+            [(w, "attribute", None, 6) for w in _attribute_words(code, start, cursor)]
+    else:
+        parse = _parse_near(code, start)
+        found = _keyword_args(parse, code, start) + _names(parse) \
+            + [(b, "builtin", None, 8) for b in dir(builtins) if not b.startswith("_")] \
+            + [(k, "keyword", None, 9) for k in keyword.kwlist] + words("word", 7)  # what no parse bound
+    return {"suggestions": _rank(found, prefix, code, start, cursor), "from": start, "to": cursor}
+
+
+def _rank(found: list[Suggestion], prefix: str, code: str, start: int, cursor: int) -> list[dict]:
+    """Best first: how the label matches the prefix, how near the cursor the
+    name is used, how near its scope is; at most 50, each label once."""
+    near = _nearness(code, start, cursor)
+    lower, seen, ranked = prefix.lower(), set(), []
+    for label, kind, detail, scope in found:
+        name = label.rstrip("=")
+        if prefix and name[:1].lower() != lower[:1]:  # each way of matching needs the first letter
+            continue
+        if name.startswith(prefix):
+            match = 0
+        elif name.lower().startswith(lower):
+            match = 1
+        elif _subsequence(lower, name.lower()):
+            match = 2
+        else:
+            continue
+        nearness = 0 if kind == "keyword" else near.get(name, 0) / (2 if kind == "word" else 1)
+        ranked.append(((match, label[-1:] != "=", scope - nearness, label), label, kind, detail))
+    out = []
+    for _, label, kind, detail in sorted(ranked):
+        if label not in seen:
+            seen.add(label)
+            out.append({"label": label, "kind": kind, **({"detail": detail[:100]} if detail else {})})
+    return out[:50]
+
+
+def _subsequence(needle: str, hay: str) -> bool:
+    it = iter(hay)
+    return all(c in it for c in needle)
+
+
+def _nearness(code: str, start: int, cursor: int) -> dict[str, float]:
+    """For each word used within a few thousand characters of the cursor, a
+    score that grows the nearer its nearest use (not the one being typed);
+    uses above the cursor count twice those below."""
+    score: dict[str, float] = {}
+    for i, word in enumerate(reversed(_WORD.findall(code, max(0, start - 3000), start))):
+        score.setdefault(word, 100 / (1 + i / 12))
+    for i, word in enumerate(_WORD.findall(code, cursor, cursor + 1000)):
+        score[word] = max(score.get(word, 0), 50 / (1 + i / 12))
+    return score
+
+
+def _words(code: str, start: int, cursor: int) -> list[str]:
+    """The words around the cursor, but for the one being typed."""
+    text = code[max(0, start - 20000):start] + " " + code[cursor:cursor + 20000]
+    return [w for w in dict.fromkeys(_WORD.findall(text)) if not keyword.iskeyword(w)]
+
+
+def _attribute_words(code: str, start: int, cursor: int) -> list[str]:
+    """Names used after a dot anywhere in the text: what an object of unknown type likely has."""
+    return [w for w in dict.fromkeys(re.findall(r"\.[ \t]*([A-Za-z_]\w*)", code[:start] + code[cursor:]))
+            if not keyword.iskeyword(w)]
+
+
+def _parse_near(code: str, start: int) -> _Parse:
+    """Parse the text top-level block by top-level block, each on its own so
+    that a broken one costs only itself, and each but the cursor's from a
+    cache, since between two keystrokes only that one changes. The cursor's
+    is repaired so that the word at the cursor is a name in its innermost scope."""
+    lines = code.split("\n")
+    row = code.count("\n", 0, start)
+    tops = [i for i, line in enumerate(lines) if line[:1].strip() and not line.startswith(
+        ("#", ")", "]", "}", "else", "elif", "except", "finally")) and not lines[i - 1].startswith("@")]
+    if not tops or tops[0]:
+        tops.insert(0, 0)
+    body, names = [], {}
+    for first, end in zip(tops, tops[1:] + [len(lines)]):
+        if first <= row < end:
+            block, col = _parse_cursor_block(lines, first, row, end, start - (code.rfind("\n", 0, start) + 1))
+            bound = _bindings(ast.Module(body=block, type_ignores=[]))
+        else:
+            block, bound = _parse_block(first, "\n".join(lines[first:end]))
+        body += block
+        names.update(bound)
+    return _Parse(ast.Module(body=body, type_ignores=[]), row, col, names)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_block(first: int, text: str) -> tuple[list[ast.stmt], dict]:
+    """The statements of one top-level block starting at line `first`, mended
+    line by line where it does not parse ([] where that fails), and the names
+    they bind."""
+    body = _mend("\n" * first + text, -1) or []
+    return body, _bindings(ast.Module(body=body, type_ignores=[]))
+
+
+def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: int) -> tuple[list, int]:
+    """The cursor's block, with its line cut at the cursor: first keeping the
+    rest of the line, then with open brackets closed, then just the name, then `pass`."""
+    head, tail = lines[row][:col], re.sub(r"^\w*", "", lines[row][col:])
+    closers = []
+    for ch in re.sub(r"'[^']*'|\"[^\"]*\"|#.*", "", head):
+        if ch in _PAIRS:
+            closers.insert(0, _PAIRS[ch])
+        elif closers and ch == closers[0]:
+            closers.pop(0)
+    indent, tried = re.match(r"\s*", lines[row]).group(), set()
+    for line, at in ((head + "__cursor__" + tail, col), (head + "__cursor__" + "".join(closers), col),
+                     (indent + "__cursor__", len(indent)), (indent + "pass", len(indent))):
+        for stop in (end, row + 1):  # then without the block's lines after the cursor
+            text = "\n" * first + "\n".join(lines[first:row] + [line] + lines[row + 1:stop])
+            if text not in tried and (body := _mend(text, row)) is not None:
+                return body, at
+            tried.add(text)
+    return [], 0
+
+
+def _mend(text: str, keep: int) -> list[ast.stmt] | None:
+    """Parse text, mending each line that breaks it (a missing colon added,
+    else the line made `pass`, then blank); line `keep` only by a colon."""
+    lines, patched = text.split("\n"), set()
+    for _ in range(8):
+        try:
+            return ast.parse("\n".join(lines)).body
+        except SyntaxError as e:
+            bad = (e.lineno or 1) - 1
+            if bad >= len(lines) or bad == keep and ("expected ':'" not in e.msg or bad in patched):
+                return None
+            lines[bad] = lines[bad] + ":" if "expected ':'" in e.msg else "" if bad in patched \
+                else re.match(r"\s*", lines[bad]).group() + "pass"
+            patched.add(bad)
+        except (ValueError, RecursionError, MemoryError):
+            return None
+    return None
+
+
+def _scope_chain(tree: ast.Module, row: int, col: int) -> list[ast.AST]:
+    """The scopes that hold position (row, col), outermost first, module included."""
+    chain, node = [tree], tree
+    while True:
+        for child in ast.iter_child_nodes(node):
+            if getattr(child, "lineno", None) and (child.lineno - 1, child.col_offset) <= (row, col) \
+                    <= (child.end_lineno - 1, child.end_col_offset):
+                if isinstance(child, _SCOPES):
+                    chain.append(child)
+                node = child
+                break
+        else:
+            return chain
+
+
+def _names(parse: _Parse) -> list[Suggestion]:
+    """Every name visible at the cursor, innermost scope first. A class body
+    is visible only from itself, not from its methods (as Python has it)."""
+    chain, found = parse.scopes(), []
+    for depth, scope in enumerate(reversed(chain)):
+        if isinstance(scope, ast.ClassDef) and depth:
+            continue
+        for name, (kind, detail) in (parse.globals if scope is parse.tree else _bindings(scope)).items():
+            if name != "__cursor__":
+                found.append((name, kind, detail, depth if depth < len(chain) - 1 else 5))
+    return found
+
+
+def _bindings(scope: ast.AST) -> dict[str, tuple[str, str | None]]:
+    """Names bound in one scope, not in the scopes nested in it: {name: (kind, detail)}."""
+    found: dict[str, tuple[str, str | None]] = {}
+    local = "global" if isinstance(scope, ast.Module) else "local"
+    in_class = isinstance(scope, ast.ClassDef)
+    if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        where = getattr(scope, "name", "lambda")
+        for a in _all_args(scope.args):
+            found[a.arg] = ("param", f"param of {where}")
+    if isinstance(scope, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+        todo = [g.target for g in scope.generators]
+    else:
+        todo = list(ast.iter_child_nodes(scope))
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            found.setdefault(node.name, ("method" if in_class else "function", _signature(node)))
+            continue
+        elif isinstance(node, ast.ClassDef):
+            bases = ", ".join(ast.unparse(b) for b in node.bases)
+            found.setdefault(node.name, ("class", f"class {node.name}({bases})" if bases else f"class {node.name}"))
+            continue
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                name = alias.asname or alias.name.split(".")[0]
+                source = f"from {node.module or '.'} import {alias.name}" if isinstance(node, ast.ImportFrom) \
+                    else f"import {alias.name}"
+                found.setdefault(name, ("import", source))
+        elif isinstance(node, _SCOPES):
+            continue
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            found.setdefault(node.id, ("attribute" if in_class else local, f"line {node.lineno}"))
+        elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
+            found.setdefault(node.name, (local, f"line {node.lineno}"))
+        todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def _all_args(args: ast.arguments) -> list[ast.arg]:
+    return [*args.posonlyargs, *args.args, *filter(None, [args.vararg]), *args.kwonlyargs,
+            *filter(None, [args.kwarg])]
+
+
+def _signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
+    return f"def {node.name}({ast.unparse(node.args)})"
+
+
+def _keyword_args(parse: _Parse, code: str, start: int) -> list[Suggestion]:
+    """Inside f( of a function defined in the code: its keyword parameters as `name=`."""
+    depth, i = 0, start
+    while i > max(0, start - 600):  # back to the unclosed bracket, if any
+        i -= 1
+        if code[i] in ")]}":
+            depth += 1
+        elif code[i] in "([{":
+            if depth == 0:
+                break
+            depth -= 1
+    else:
+        return []
+    m = re.search(r"([A-Za-z_]\w*)\s*$", code[max(0, i - 100):i])
+    if code[i] != "(" or not m:
+        return []
+    name = m.group(1)
+    defined = [*_statements(parse.tree), *(n for c in parse.classes().values() for n in c.body)]
+    node = next((n for n in defined if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                 and n.name == name), None)
+    if isinstance(node, ast.ClassDef):
+        node = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+    if node is None:
+        return []
+    named = [*node.args.args[len(node.args.posonlyargs):], *node.args.kwonlyargs]
+    return [(f"{a.arg}=", "param", f"param of {name}", 0) for a in named if a.arg not in ("self", "cls")]
+
+
+def _attributes(parse: _Parse, owner: str) -> list[Suggestion]:
+    """What follows `owner.`: a class's members (self: the enclosing class's),
+    or an imported standard-library module's public names."""
+    classes, chain = parse.classes(), parse.scopes()
+    if owner in ("self", "cls"):
+        enclosing = [s for s in chain if isinstance(s, ast.ClassDef)]
+        return _members(enclosing[-1], classes) if enclosing else []
+    if owner in classes:
+        return _members(classes[owner], classes)
+    for scope in reversed(chain):  # import a.b as owner / import owner / from a import owner
+        for node in _statements(scope):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for alias in node.names:
+                    if (alias.asname or alias.name) == owner:
+                        module = alias.name if isinstance(node, ast.Import) else f"{node.module}.{alias.name}"
+                        return [(n, k, d, 0) for n, (k, d) in _module_members(module).items()]
+    return []
+
+
+def _members(cls: ast.ClassDef, classes: dict[str, ast.ClassDef], seen: int = 0) -> list[Suggestion]:
+    """A class's methods, class attributes and self.x of its methods, then its
+    bases' (those defined in the same code)."""
+    found = [(n, k, d, seen) for n, (k, d) in _bindings(cls).items()]
+    for node in ast.walk(cls):
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) \
+                and isinstance(node.value, ast.Name) and node.value.id == "self":
+            found.append((node.attr, "attribute", f"self.{node.attr}, line {node.lineno}", seen))
+    for base in cls.bases:
+        if isinstance(base, ast.Name) and base.id in classes and seen < 5:
+            found += _members(classes[base.id], classes, seen + 1)
+    return found
+
+
+@functools.lru_cache(maxsize=256)
+def _module_members(name: str) -> dict[str, tuple[str, str | None]]:
+    """The public names of a standard-library module: from its source where it
+    has one (never running it), else by importing it (a built-in or C module).
+    Empty for anything outside the standard library."""
+    try:
+        spec = importlib.util.find_spec(name) if name.split(".")[0] in sys.stdlib_module_names else None
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        return {}
+    if not (spec.origin or "").endswith(".py"):
+        return {n: ("class" if isinstance(v, type) else "function" if callable(v) else "attribute", None)
+                for n, v in vars(importlib.import_module(name)).items() if not n.startswith("_")}
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8", errors="replace"))
+    found = {n: (k if k in ("function", "class") else "attribute", d) for n, (k, d) in _bindings(tree).items()
+             if not n.startswith("_")}
+    for node in ast.walk(tree):  # from posix import *, as os does
+        if isinstance(node, ast.ImportFrom) and node.names[0].name == "*" and node.module:
+            found = {**_module_members(node.module), **found}
+    for sub in pkgutil.iter_modules(spec.submodule_search_locations or []):
+        found.setdefault(sub.name, ("import", f"module {name}.{sub.name}"))
+    return found
 
 
 # ---------------------------------------------------------------------------
@@ -1056,8 +1410,17 @@ async def get_room(request: web.Request) -> web.Response:
 
 
 async def autocomplete(request: web.Request) -> web.Response:
-    """POST /autocomplete {code, cursorPosition, language} -> suggestions."""
-    raise _not_yet("autocomplete")
+    """POST /autocomplete {code, cursorPosition, language?} -> {suggestions, from, to}"""
+    body = await _json_body(request)
+    code, language = _get(body, "code", str), _get(body, "language", str, "python")
+    cursor, units = _get(body, "cursorPosition", int), to_units(code)
+    if len(units) > request.app[CONFIG].max_code:
+        raise PairError("too_large", f"code exceeds {request.app[CONFIG].max_code} UTF-16 code units", 413)
+    if not 0 <= cursor <= len(units) or splits_pair(units, cursor):
+        raise PairError("bad_request", f"cursorPosition {cursor} is outside the text or inside a character")
+    answer = suggest(code, len(from_units(units[:cursor])), language)
+    span = len(to_units(code[:answer["from"]]))  # back to UTF-16 units
+    return web.json_response({**answer, "from": span, "to": cursor})
 
 
 async def execute(request: web.Request) -> web.Response:

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pairserver import (ROOMS, PairError, Room, Stale, apply, changes_to_op, compose, create_app,
-                        diff_to_op, from_units, invert, op_to_changes, to_units, transform)
+                        diff_to_op, from_units, invert, op_to_changes, suggest, to_units, transform)
 
 TOKEN = "test-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -350,11 +350,6 @@ async def test_cors_lets_a_browser_page_call_the_api(aiohttp_client):
     assert resp.headers["Access-Control-Allow-Origin"] == "https://class.example"
     resp = await server.get("/health", headers={"Origin": "https://elsewhere.example"})
     assert "Access-Control-Allow-Origin" not in resp.headers
-
-
-async def test_autocomplete_route_answers_not_implemented_yet(server):
-    resp = await server.post("/autocomplete", json={"code": "", "cursorPosition": 0})
-    assert resp.status == 501 and (await resp.json())["error"]["code"] == "not_implemented"
 
 
 async def test_python_api_for_embedding_scripts(aiohttp_client):
@@ -1046,3 +1041,161 @@ async def test_a_run_in_an_unsupported_language_is_refused_and_unlocked(server):
     await expect_error(alice, "unsupported_language")
     assert (await next_of(alice, "execution_lock"))["locked"] is False
     await alice.close()
+
+
+# ---------------------------------------------------------------------------
+# Autocomplete: suggest() directly, and POST /autocomplete
+# ---------------------------------------------------------------------------
+
+def complete(code: str, language: str = "python") -> list[tuple[str, str]]:
+    """(label, kind) suggested where the | is."""
+    cursor = code.index("|")
+    answer = suggest(code.replace("|", "", 1), cursor, language)
+    return [(s["label"], s["kind"]) for s in answer["suggestions"]]
+
+
+def labels(code: str, language: str = "python") -> list[str]:
+    return [label for label, _ in complete(code, language)]
+
+
+def test_names_of_every_scope_with_their_kinds():
+    code = """import os.path as osp
+from collections import OrderedDict as OD
+LIMIT = 10
+class Shape:
+    sides = 0
+def outer(alpha, *args, beta=1, **kw):
+    gamma = 2
+    def inner(delta):
+        epsilon = [zeta for zeta in range(delta)]
+        return (lambda eta: |)
+    return inner
+"""
+    found = dict(complete(code))
+    assert {name: found[name] for name in ("eta", "epsilon", "delta", "gamma", "alpha", "args", "beta",
+                                           "kw", "inner", "outer", "Shape", "LIMIT", "osp", "OD")} == {
+        "eta": "param", "epsilon": "local", "delta": "param", "gamma": "local", "alpha": "param",
+        "args": "param", "beta": "param", "kw": "param", "inner": "function", "outer": "function",
+        "Shape": "class", "LIMIT": "global", "osp": "import", "OD": "import"}
+    assert found["zeta"] == found["sides"] == "word"  # not names here: a comprehension's, a class body's
+    order = labels(code)
+    assert order.index("eta") < order.index("delta") < order.index("alpha") < order.index("LIMIT")
+    assert complete("x = 1\nle|")[0] == ("len", "builtin")
+    assert complete("def f():\n    ret|")[0] == ("return", "keyword")
+
+
+def test_comprehension_and_class_body_scopes_are_their_own():
+    assert labels("values = [it| for item in range(3)]")[0] == "item"
+    code = "class Config:\n    debug = False\n    verbose = de|\n    def m(self):\n        return 1\n"
+    assert complete(code)[0] == ("debug", "attribute")
+    code = "class Config:\n    debug = False\n    def m(self):\n        return de|\n"
+    assert ("debug", "attribute") not in complete(code)  # not visible from a method
+
+
+def test_details_tell_signatures_and_sources():
+    code = "import json\ndef area(w, h=2):\n    pass\nar"
+    details = {s["label"]: s.get("detail") for s in suggest(code, len(code))["suggestions"]}
+    assert details["area"] == "def area(w, h=2)"
+    code = "import json\nj"
+    details = {s["label"]: s.get("detail") for s in suggest(code, len(code))["suggestions"]}
+    assert details["json"] == "import json"
+
+
+def test_self_members_include_inherited_ones_from_the_same_code():
+    code = """class Base:
+    kind = "base"
+    def __init__(self):
+        self.size = 1
+    def grow(self, by):
+        self.size += by
+class Box(Base):
+    def __init__(self):
+        super().__init__()
+        self.items = []
+    def add(self, item):
+        self.|
+"""
+    found = dict(complete(code))
+    assert {k: found[k] for k in ("items", "add", "size", "grow", "kind")} == {
+        "items": "attribute", "add": "method", "size": "attribute", "grow": "method", "kind": "attribute"}
+    assert labels(code).index("items") < labels(code).index("size")  # its own class before its base
+
+
+def test_standard_library_module_attributes_and_from_imports():
+    assert labels("import os\nos.getc|")[0] == "getcwd"  # os takes these from posix by a star import
+    assert "join" in labels("import os.path as osp\nosp.j|")
+    assert ("loads", "function") in complete("import json\njson.lo|")
+    assert {"OrderedDict", "defaultdict", "Counter"} <= set(labels("from collections import |"))
+    assert "sqrt" in labels("import math\nmath.sq|")  # a C module
+    assert "etree" in labels("import xml.|")
+    assert "json" in labels("import js|")
+
+
+def test_no_code_outside_the_standard_library_is_imported_or_run(tmp_path, monkeypatch):
+    (tmp_path / "evil_module_xyz.py").write_text("raise SystemExit('imported!')\nSECRET = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "SECRET" not in labels("import evil_module_xyz\nevil_module_xyz.S|")
+    assert "SECRET" not in labels("from evil_module_xyz import |")
+    assert "evil_module_xyz" not in sys.modules
+
+
+def test_keyword_parameters_inside_a_call():
+    code = "def connect(host, port=80, *, timeout=None):\n    pass\nconnect('x', |"
+    assert labels(code)[:3] == ["timeout=", "port=", "host="]
+    code = "class Server:\n    def __init__(self, host, debug=False):\n        pass\nServer(de|"
+    assert labels(code)[0] == "debug="
+
+
+@pytest.mark.parametrize("code, want", [
+    ("def f(count):\n    total = (count +\n    to|", "total"),                # an unclosed bracket
+    ("value = 3\nif val|", "value"),                                          # a line half typed
+    ("value = 3\nif value > 2\n    result = 1\nres|", "result"),             # if without its colon
+    ("text = '''never closed\nname = 1\ndef g(param):\n    return pa|", "param"),  # unterminated string
+    ("def broken(:\n    pass\nanswer = 42\nans|", "answer"),                # a bad line elsewhere
+])
+def test_broken_code_still_gets_the_names_at_the_cursor(code, want):
+    assert labels(code)[0] == want
+
+
+def test_ranking_prefix_case_then_fuzzy_then_nearness():
+    order = labels("Total = 1\ntotal_sum = 2\nto_do = 3\nt_o = 4\nto|")
+    assert order.index("to_do") < order.index("Total") < order.index("t_o")  # prefix, any case, fuzzy
+    code = "alpha_far = 1\n" + "x = 0\n" * 80 + "alpha_near = 2\nprint(alpha_near)\nal|"
+    assert labels(code)[:2] == ["alpha_near", "alpha_far"]
+    assert "unique_word_typed" not in labels("x = 1\nunique_word_typed|")  # found nowhere else
+    assert len(labels("|")) == 50
+
+
+def test_other_languages_get_the_words_of_the_text():
+    found = complete("fn main() { let counter = 1; let count = 2; cou| }", "rust")
+    assert found[:2] == [("count", "word"), ("counter", "word")]
+
+
+async def test_autocomplete_over_http_counts_utf16_units(server):
+    code = "emoji = '😀'\nem"
+    resp = await server.post("/autocomplete", json={"code": code, "cursorPosition": len(to_units(code)),
+                                                    "language": "python"})
+    body = await resp.json()
+    assert resp.status == 200 and body["suggestions"][0] == {"label": "emoji", "kind": "global",
+                                                              "detail": "line 1"}
+    assert (body["from"], body["to"]) == (len(to_units(code)) - 2, len(to_units(code)))
+
+
+@pytest.mark.parametrize("body", [
+    {"code": "abc", "cursorPosition": 4},
+    {"code": "abc", "cursorPosition": -1},
+    {"code": "😀", "cursorPosition": 1},          # inside the emoji's surrogate pair
+    {"code": "abc", "cursorPosition": "1"},
+    {"code": 5, "cursorPosition": 0},
+    {"cursorPosition": 0},
+    {"code": "", "cursorPosition": 0, "language": 3},
+])
+async def test_autocomplete_refuses_bad_input(server, body):
+    resp = await server.post("/autocomplete", json=body)
+    assert resp.status == 400 and (await resp.json())["error"]["code"] == "bad_request"
+
+
+async def test_autocomplete_refuses_huge_code(aiohttp_client):
+    server = await aiohttp_client(create_app(max_code=100))
+    resp = await server.post("/autocomplete", json={"code": "x" * 101, "cursorPosition": 0})
+    assert resp.status == 413 and (await resp.json())["error"]["code"] == "too_large"
