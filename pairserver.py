@@ -25,6 +25,7 @@ import ast
 import asyncio
 import builtins
 import codecs
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -599,9 +600,18 @@ async def _close_all(clients, code: int, message: bytes) -> None:
 
 Suggestion = tuple  # (label, kind, detail, scope): scope 0 is the innermost
 _WORD = re.compile(r"[A-Za-z_]\w*")
+#: The words of code, not of its comments and strings: findall() gives "" for those.
+_CODE_WORD = re.compile(r"#.*|'''[\s\S]*?'''|" r'"""[\s\S]*?"""' r"""|'[^'\n]*'|"[^"\n]*"|([A-Za-z_]\w*)""")
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef,
            ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 _PAIRS = {"(": ")", "[": "]", "{": "}"}
+#: Builtins common enough to rank with a program's own names.
+_COMMON = set("""len print isinstance range str int list dict set tuple open hasattr getattr setattr super
+type enumerate zip sorted min max sum any all bool repr iter next map filter object id callable format abs
+bytes float property staticmethod classmethod reversed round vars dir None True False Exception ValueError
+TypeError KeyError AttributeError IndexError RuntimeError OSError NotImplementedError StopIteration""".split())
+#: What an object of unknown type most likely has: the methods of the common built-in types.
+_TYPE_METHODS = sorted({n for t in (str, bytes, list, dict, set) for n in dir(t) if not n.startswith("_")})
 
 
 @dataclass
@@ -642,14 +652,15 @@ def suggest(code: str, cursor: int, language: str = "python") -> dict:
         found = [(n, k, d, 0) for n, (k, d) in _module_members(m.group(1)).items() if k == "import"]
     elif re.match(r"\s*(import|from)\s+([\w.]+\s*,\s*)*$", before):
         found = [(n, "import", "module", 0) for n in sys.stdlib_module_names if not n.startswith("_")]
-    elif m := re.search(r"([A-Za-z_][\w.]*)\s*\.\s*$", before):
-        found = _attributes(_parse_near(code, start), m.group(1)) + \
-            [(w, "attribute", None, 6) for w in _attribute_words(code, start, cursor)]
+    elif m := re.search(r"([A-Za-z_][\w.]*|[\]})'\"])\s*\.\s*$", before):
+        members = _attributes(_parse_near(code, start), m.group(1))  # then names used after a dot
+        found = members + [(w, "attribute", None, 12 if members else 6) for w in _attribute_words(code, start, cursor)] \
+            + [(n, "method", None, 13 if members else 7) for n in _TYPE_METHODS]
     else:
         parse = _parse_near(code, start)
         found = _keyword_args(parse, code, start) + _names(parse) \
-            + [(b, "builtin", None, 8) for b in dir(builtins) if not b.startswith("_")] \
-            + [(k, "keyword", None, 9) for k in keyword.kwlist] + words("word", 7)  # what no parse bound
+            + [(b, "builtin", None, 6 if b in _COMMON else 8) for b in dir(builtins) if not b.startswith("_")] \
+            + [(k, "keyword", None, 9) for k in keyword.kwlist] + words("word", 12)  # what no parse bound
     return {"suggestions": _rank(found, prefix, code, start, cursor), "from": start, "to": cursor}
 
 
@@ -670,8 +681,8 @@ def _rank(found: list[Suggestion], prefix: str, code: str, start: int, cursor: i
             match = 2
         else:
             continue
-        nearness = 0 if kind == "keyword" else near.get(name, 0) / (2 if kind == "word" else 1)
-        ranked.append(((match, label[-1:] != "=", scope - nearness, label), label, kind, detail))
+        used = 0 if kind == "keyword" else near.get(name, 0) / (3 if kind == "word" else 1)
+        ranked.append(((match, label[-1:] != "=", scope - used, label), label, kind, detail))
     out = []
     for _, label, kind, detail in sorted(ranked):
         if label not in seen:
@@ -687,20 +698,22 @@ def _subsequence(needle: str, hay: str) -> bool:
 
 def _nearness(code: str, start: int, cursor: int) -> dict[str, float]:
     """For each word used within a few thousand characters of the cursor, a
-    score that grows the nearer its nearest use (not the one being typed);
-    uses above the cursor count twice those below."""
+    score that grows the nearer its nearest use (not the one being typed) and
+    the more uses it has; uses above the cursor count twice those below."""
     score: dict[str, float] = {}
-    for i, word in enumerate(reversed(_WORD.findall(code, max(0, start - 3000), start))):
+    for i, word in enumerate(reversed([w for w in _CODE_WORD.findall(code, max(0, start - 3000), start) if w])):
         score.setdefault(word, 100 / (1 + i / 12))
-    for i, word in enumerate(_WORD.findall(code, cursor, cursor + 1000)):
+    for i, word in enumerate(w for w in _CODE_WORD.findall(code, cursor, cursor + 1000) if w):
         score[word] = max(score.get(word, 0), 50 / (1 + i / 12))
+    for word, n in collections.Counter(_CODE_WORD.findall(code, max(0, start - 8000), cursor + 4000)).items():
+        score[word] = score.get(word, 0) + 5 * math.log2(n)  # and the more it is used
     return score
 
 
 def _words(code: str, start: int, cursor: int) -> list[str]:
     """The words around the cursor, but for the one being typed."""
-    text = code[max(0, start - 20000):start] + " " + code[cursor:cursor + 20000]
-    return [w for w in dict.fromkeys(_WORD.findall(text)) if not keyword.iskeyword(w)]
+    text = code[max(0, start - 8000):start] + " " + code[cursor:cursor + 4000]
+    return [w for w in dict.fromkeys(_CODE_WORD.findall(text)) if w and not keyword.iskeyword(w)]
 
 
 def _attribute_words(code: str, start: int, cursor: int) -> list[str]:
@@ -737,7 +750,7 @@ def _parse_block(first: int, text: str) -> tuple[list[ast.stmt], dict]:
     """The statements of one top-level block starting at line `first`, mended
     line by line where it does not parse ([] where that fails), and the names
     they bind."""
-    body = _mend("\n" * first + text, -1) or []
+    body = _mend("\n" * first + text, -1)[0] or []
     return body, _bindings(ast.Module(body=body, type_ignores=[]))
 
 
@@ -751,34 +764,37 @@ def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: i
             closers.insert(0, _PAIRS[ch])
         elif closers and ch == closers[0]:
             closers.pop(0)
-    indent, tried = re.match(r"\s*", lines[row]).group(), set()
-    for line, at in ((head + "__cursor__" + tail, col), (head + "__cursor__" + "".join(closers), col),
-                     (indent + "__cursor__", len(indent)), (indent + "pass", len(indent))):
+    indent = re.match(r"\s*", lines[row]).group()
+    variants = [(head + "__cursor__" + "".join(closers), col), (indent + "__cursor__", len(indent)),
+                (indent + "pass", len(indent))]
+    for line, at in [(head + "__cursor__" + tail, col)] * bool(tail.strip()) + variants:
         for stop in (end, row + 1):  # then without the block's lines after the cursor
-            text = "\n" * first + "\n".join(lines[first:row] + [line] + lines[row + 1:stop])
-            if text not in tried and (body := _mend(text, row)) is not None:
+            body, bad = _mend("\n" * first + "\n".join(lines[first:row] + [line] + lines[row + 1:stop]), row)
+            if body is not None:
                 return body, at
-            tried.add(text)
+            if bad <= row:  # the cursor's line itself: the lines after it are not to blame
+                break
     return [], 0
 
 
-def _mend(text: str, keep: int) -> list[ast.stmt] | None:
+def _mend(text: str, keep: int) -> tuple[list[ast.stmt] | None, int]:
     """Parse text, mending each line that breaks it (a missing colon added,
-    else the line made `pass`, then blank); line `keep` only by a colon."""
-    lines, patched = text.split("\n"), set()
+    else the line made `pass`, then blank); line `keep` only by a colon.
+    Returns the statements, or None and the line it gave up on."""
+    lines, patched, bad = text.split("\n"), set(), -1
     for _ in range(8):
         try:
-            return ast.parse("\n".join(lines)).body
+            return ast.parse("\n".join(lines)).body, -1
         except SyntaxError as e:
             bad = (e.lineno or 1) - 1
             if bad >= len(lines) or bad == keep and ("expected ':'" not in e.msg or bad in patched):
-                return None
+                return None, bad
             lines[bad] = lines[bad] + ":" if "expected ':'" in e.msg else "" if bad in patched \
                 else re.match(r"\s*", lines[bad]).group() + "pass"
             patched.add(bad)
         except (ValueError, RecursionError, MemoryError):
-            return None
-    return None
+            return None, -1
+    return None, bad
 
 
 def _scope_chain(tree: ast.Module, row: int, col: int) -> list[ast.AST]:
