@@ -599,7 +599,6 @@ async def _close_all(clients, code: int, message: bytes) -> None:
 # follow, for whatever a mended line defined.
 
 Suggestion = tuple  # (label, kind, detail, scope): scope 0 is the innermost
-_WORD = re.compile(r"[A-Za-z_]\w*")
 #: The words of code, not of its comments and strings: findall() gives "" for those.
 _CODE_WORD = re.compile(r"#.*|'''[\s\S]*?'''|" r'"""[\s\S]*?"""' r"""|'[^'\n]*'|"[^"\n]*"|([A-Za-z_]\w*)""")
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef,
@@ -621,7 +620,7 @@ class _Parse:
     tree: ast.Module
     row: int
     col: int
-    globals: dict  #: {name: (kind, detail)} bound at the top level, block by block
+    top_names: dict  #: {name: (kind, detail)} bound at the top level, block by block
 
     def scopes(self) -> list[ast.AST]:
         return _scope_chain(self.tree, self.row, self.col)
@@ -643,9 +642,8 @@ def suggest(code: str, cursor: int, language: str = "python") -> dict:
     while start and (code[start - 1].isalnum() or code[start - 1] == "_"):
         start -= 1
     prefix, before = code[start:cursor], code[code.rfind("\n", 0, start) + 1:start]
-    words = lambda kind, scope: [(w, kind, None, scope) for w in _words(code, start, cursor)]  # noqa: E731
     if language != "python":
-        found = words("word", 0)
+        found = [(w, "word", None, 0) for w in _words(code, start, cursor)]
     elif m := re.match(r"\s*from\s+([\w.]+)\s+import\s+\(?[\w\s,]*$", before):
         found = [(n, k, d, 0) for n, (k, d) in _module_members(m.group(1)).items()]
     elif m := re.match(r"\s*(?:import|from)\s+([\w.]+)\.$", before):
@@ -653,14 +651,16 @@ def suggest(code: str, cursor: int, language: str = "python") -> dict:
     elif re.match(r"\s*(import|from)\s+([\w.]+\s*,\s*)*$", before):
         found = [(n, "import", "module", 0) for n in sys.stdlib_module_names if not n.startswith("_")]
     elif m := re.search(r"([A-Za-z_][\w.]*|[\]})'\"])\s*\.\s*$", before):
-        members = _attributes(_parse_near(code, start), m.group(1))  # then names used after a dot
-        found = members + [(w, "attribute", None, 12 if members else 6) for w in _attribute_words(code, start, cursor)] \
+        members = _attributes(_parse_near(code, start), m.group(1))  # then what objects often have
+        found = members + [(w, "attribute", None, 12 if members else 6)
+                           for w in _attribute_words(code, start, cursor)] \
             + [(n, "method", None, 13 if members else 7) for n in _TYPE_METHODS]
     else:
         parse = _parse_near(code, start)
         found = _keyword_args(parse, code, start) + _names(parse) \
             + [(b, "builtin", None, 6 if b in _COMMON else 8) for b in dir(builtins) if not b.startswith("_")] \
-            + [(k, "keyword", None, 9) for k in keyword.kwlist] + words("word", 12)  # what no parse bound
+            + [(k, "keyword", None, 9) for k in keyword.kwlist] \
+            + [(w, "word", None, 12) for w in _words(code, start, cursor)]  # what no parse bound
     return {"suggestions": _rank(found, prefix, code, start, cursor), "from": start, "to": cursor}
 
 
@@ -819,7 +819,7 @@ def _names(parse: _Parse) -> list[Suggestion]:
     for depth, scope in enumerate(reversed(chain)):
         if isinstance(scope, ast.ClassDef) and depth:
             continue
-        for name, (kind, detail) in (parse.globals if scope is parse.tree else _bindings(scope)).items():
+        for name, (kind, detail) in (parse.top_names if scope is parse.tree else _bindings(scope)).items():
             if name != "__cursor__":
                 found.append((name, kind, detail, depth if depth < len(chain) - 1 else 5))
     return found
