@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import hmac
 import importlib.util
+import itertools
 import json
 import keyword
 import logging
@@ -42,6 +43,7 @@ import resource
 import secrets
 import shutil
 import signal
+import sqlite3
 import struct
 import sys
 import tempfile
@@ -83,6 +85,10 @@ class Config:
     send_queue: int = _option(
         4 << 20, "bytes queued for one slow socket before it is dropped")
     heartbeat: float = _option(30.0, "seconds between pings that find dead peers")
+    db: str = _option("", "SQLite file or postgresql:// URL to keep rooms in across restarts "
+                          "(default: $PAIRSERVER_DB, else memory only)")
+    room_ttl: float = _option(7 * 86400.0, "seconds after which a room nobody is in or changes is removed; "
+                                            "0 keeps rooms forever")
     sandbox: str = _option("auto", "isolate runs with bwrap: auto (when installed), bwrap (required), none")
     python: str = _option("", "Python interpreter for runs (default: the one running the server)")
     max_runs: int = _option(os.cpu_count() or 2, "runs at once; more wait in a short queue")
@@ -502,6 +508,10 @@ class Room:
                          "selectionEnd": None if selection_end is None else clamp(selection_end)}
         return client.cursor
 
+    def row(self) -> tuple:
+        """The room as a store keeps it."""
+        return self.id, self.language, self.code, self.version, self.created_at, self.updated_at
+
     def describe(self) -> dict:
         """The room as GET /rooms/{roomId} shows it."""
         return {"roomId": self.id, "language": self.language, "code": self.text,
@@ -530,6 +540,8 @@ class Rooms:
         self.config = config
         self._rooms: dict[str, Room] = {}
         self._tasks: set[asyncio.Task] = set()  # held here so that they are not collected
+        self.dirty: set[str] = set()  #: ids of rooms changed since the store last saw them
+        self.gone: set[str] = set()   #: ids of rooms removed since then
 
     def __repr__(self) -> str:
         return f"<Rooms {len(self._rooms)} rooms, {self.connections} connections>"
@@ -564,8 +576,27 @@ class Rooms:
         room = Room(secrets.token_urlsafe(16), language, text, max_code=self.config.max_code,
                     history_size=self.config.history)
         self._rooms[room.id] = room
+        self.dirty.add(room.id)
         log.info("room %s created (%s, %d units)", room.id, language, len(text))
         return room
+
+    def restore(self, rows: list[tuple]) -> None:
+        """Take back the rooms a store kept: their text, language and version."""
+        for room_id, language, code, version, created_at, updated_at in rows:
+            self._rooms[room_id] = Room(room_id, language, to_units(code), version, self.config.max_code,
+                                        self.config.history, created_at=created_at, updated_at=updated_at)
+        log.info("%d rooms restored", len(rows))
+
+    def expire(self, ttl: float) -> None:
+        """Let go of rooms nobody is in and nobody changed for ttl seconds."""
+        now = datetime.now(timezone.utc)
+        for room in self:
+            if not room.clients and (now - datetime.fromisoformat(room.updated_at.replace("Z", "+00:00"))
+                                     ).total_seconds() > ttl:
+                del self._rooms[room.id]
+                self.dirty.discard(room.id)
+                self.gone.add(room.id)
+                log.info("room %s expired", room.id)
 
     def get(self, room_id: str) -> Room | None:
         """The room with this id, or None."""
@@ -576,6 +607,8 @@ class Rooms:
         room = self._rooms.pop(room_id, None)
         if room is None:
             return False
+        self.dirty.discard(room_id)
+        self.gone.add(room_id)
         await _close_all(room.clients.values(), CLOSE_NO_ROOM, b"room deleted")
         log.info("room %s deleted", room_id)
         return True
@@ -584,6 +617,125 @@ class Rooms:
 async def _close_all(clients, code: int, message: bytes) -> None:
     """Close the sockets of a copy of `clients` at once."""
     await asyncio.gather(*(c.ws.close(code=code, message=message) for c in list(clients) if c.ws))
+
+
+# ---------------------------------------------------------------------------
+# Storage: rooms kept across restarts in SQLite or PostgreSQL, written behind
+# ---------------------------------------------------------------------------
+# The registry stays the source of truth. A changed room is written within a
+# second, many changes in one write; everything is written at shutdown. A
+# store that fails while running costs nothing but the write: it is retried
+# each second until it succeeds, and the rooms go on in memory meanwhile.
+
+_SCHEMA = """CREATE TABLE IF NOT EXISTS pairserver_rooms (id TEXT PRIMARY KEY, language TEXT NOT NULL,
+    code TEXT NOT NULL, version BIGINT NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL)"""
+_SAVE = """INSERT INTO pairserver_rooms VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET
+    language = excluded.language, code = excluded.code, version = excluded.version,
+    updated_at = excluded.updated_at"""
+_LOAD = "SELECT id, language, code, version, created_at, updated_at FROM pairserver_rooms"
+_DROP = "DELETE FROM pairserver_rooms WHERE id = ?"
+
+
+class SqliteStore:
+    """Rooms in an SQLite file (WAL mode), written from a thread so that the
+    event loop never waits on the disk."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.db = path, None
+
+    def __repr__(self) -> str:
+        return f"<SqliteStore {self.path}>"
+
+    async def load(self) -> list[tuple]:
+        return await asyncio.to_thread(self._load)
+
+    def _load(self) -> list[tuple]:
+        try:
+            self.db = sqlite3.connect(self.path, timeout=0.5, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            with self.db:
+                self.db.execute(_SCHEMA)
+            return self.db.execute(_LOAD).fetchall()
+        except sqlite3.Error as e:
+            raise RuntimeError(f"--db {self.path}: {e}") from None
+
+    async def save(self, rows: list[tuple], gone: list[str]) -> None:
+        await asyncio.to_thread(self._save, rows, gone)
+
+    def _save(self, rows: list[tuple], gone: list[str]) -> None:
+        with self.db:  # one transaction
+            self.db.executemany(_SAVE, rows)
+            self.db.executemany(_DROP, [(room_id,) for room_id in gone])
+
+    async def close(self) -> None:
+        if self.db:
+            self.db.close()
+
+
+class PostgresStore:
+    """Rooms in PostgreSQL through asyncpg, which is imported only for this."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.pool = url, None
+
+    def __repr__(self) -> str:
+        return f"<PostgresStore {re.sub(r'://[^@/]*@', '://...@', self.url)}>"
+
+    @staticmethod
+    def _sql(query: str) -> str:
+        """SQLite's ? placeholders as PostgreSQL's $1, $2, ..."""
+        numbers = iter(range(1, 100))
+        return re.sub(r"\?", lambda _: f"${next(numbers)}", query)
+
+    async def load(self) -> list[tuple]:
+        import asyncpg
+        try:
+            self.pool = await asyncpg.create_pool(self.url, min_size=1, max_size=2, timeout=10)
+            async with self.pool.acquire() as db:
+                await db.execute(_SCHEMA)
+                return [tuple(row) for row in await db.fetch(_LOAD)]
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, ValueError) as e:
+            raise RuntimeError(f"--db {self!r}: {e}") from None
+
+    async def save(self, rows: list[tuple], gone: list[str]) -> None:
+        async with self.pool.acquire(timeout=5) as db, db.transaction():
+            await db.executemany(self._sql(_SAVE), rows)
+            await db.executemany(self._sql(_DROP), [(room_id,) for room_id in gone])
+
+    async def close(self) -> None:
+        if self.pool:
+            await self.pool.close()
+
+
+async def _write_behind(rooms: Rooms, store: SqliteStore | PostgresStore, ttl: float) -> None:
+    """Each second, write the rooms changed since the last write; each minute,
+    let go of rooms idle for longer than ttl."""
+    failing = False
+    for tick in itertools.count():
+        await asyncio.sleep(1)
+        if ttl and tick % 60 == 0:
+            rooms.expire(ttl)
+        failing = await _flush(rooms, store, failing)
+
+
+async def _flush(rooms: Rooms, store: SqliteStore | PostgresStore, failing: bool = False) -> bool:
+    """Write what changed; on failure keep it for the next try and say so
+    once per episode. Returns whether the store is failing."""
+    dirty, gone, rooms.dirty, rooms.gone = rooms.dirty, rooms.gone, set(), set()
+    if not dirty and not gone:
+        return failing
+    rows = [room.row() for room_id in dirty if (room := rooms.get(room_id))]
+    try:
+        await store.save(rows, list(gone))
+    except Exception as e:  # noqa: BLE001 - any store error: the rooms carry on in memory
+        rooms.dirty |= dirty
+        rooms.gone |= gone - rooms.dirty
+        if not failing:
+            log.error("cannot write rooms to %r (%s); serving from memory and retrying each second", store, e)
+        return True
+    if failing:
+        log.warning("%r works again: %d changed rooms written", store, len(rows))
+    return False
 
 
 # ---------------------------------------------------------------------------
@@ -1586,6 +1738,7 @@ def _on_code_update(room: Room, client: Client, msg: dict, app: web.Application)
     except Stale:
         client.send(_message("resync", version=room.version, code=room.text))
         return
+    app[ROOMS].dirty.add(room.id)
     update = {"type": "code_update", "version": room.version, "clientId": client.id, "changes": changes}
     if seq is not None:
         update["seq"] = seq
@@ -1607,6 +1760,7 @@ def _on_language(room: Room, client: Client, msg: dict, app: web.Application) ->
     if not _LANGUAGE.match(language):
         raise PairError("bad_request", "'language' must be a short lowercase name such as 'python'")
     room.language = language
+    app[ROOMS].dirty.add(room.id)
     _broadcast(room, _message("language", language=language, clientId=client.id))
 
 
@@ -1682,6 +1836,28 @@ async def _runner_lifetime(app: web.Application):
     await app[RUNNER].stop()
 
 
+async def _storage_lifetime(app: web.Application):
+    """Load the kept rooms, write changes behind, write everything at the end."""
+    config, rooms = app[CONFIG], app[ROOMS]
+    if not config.db:
+        yield
+        return
+    store = PostgresStore(config.db) if config.db.startswith(("postgres://", "postgresql://")) \
+        else SqliteStore(config.db)
+    rooms.restore(await store.load())
+    rooms.dirty.clear()
+    writer = asyncio.get_running_loop().create_task(_write_behind(rooms, store, config.room_ttl))
+    yield
+    writer.cancel()
+    for _ in range(3):  # the sockets are closed by now: this is the last word
+        if not await _flush(rooms, store):
+            break
+        await asyncio.sleep(1)
+    else:
+        log.error("could not write the rooms to %r at shutdown: recent changes are lost", store)
+    await store.close()
+
+
 def create_app(**options: Any) -> web.Application:
     """Build the server as an aiohttp Application; `options` are Config's fields.
 
@@ -1689,10 +1865,12 @@ def create_app(**options: Any) -> web.Application:
     config = Config(**options)
     config.admin_token = config.admin_token or os.environ.get("PAIRSERVER_ADMIN_TOKEN") \
         or secrets.token_urlsafe(24)
+    config.db = config.db or os.environ.get("PAIRSERVER_DB", "")
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_message)
     app[CONFIG], app[ROOMS], app[STARTED] = config, Rooms(config), time.monotonic()
     app[RUNNER] = Runner(config)
     app.on_shutdown.append(_close_sockets)
+    app.cleanup_ctx.append(_storage_lifetime)
     app.cleanup_ctx.append(_runner_lifetime)
     routes = [
         web.post("/rooms", create_room),
@@ -1749,7 +1927,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def banner(_: str) -> None:  # run_app calls this once it listens
         shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
-        print(f"pairserver on http://{shown}:{port}/  (rooms in memory: they end with the process)\n"
+        kept = f"rooms kept in {app[CONFIG].db}" if app[CONFIG].db else "rooms in memory: they end with the process"
+        print(f"pairserver on http://{shown}:{port}/  ({kept})\n"
               f"admin token: {app[CONFIG].admin_token}", flush=True)
 
     try:

@@ -10,11 +10,13 @@ import os
 import random
 import signal
 import socket
+import sqlite3
 import platform
 import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -1199,3 +1201,231 @@ async def test_autocomplete_refuses_huge_code(aiohttp_client):
     server = await aiohttp_client(create_app(max_code=100))
     resp = await server.post("/autocomplete", json={"code": "x" * 101, "cursorPosition": 0})
     assert resp.status == 413 and (await resp.json())["error"]["code"] == "too_large"
+
+
+# ---------------------------------------------------------------------------
+# Rooms that survive restarts: real server processes on SQLite and PostgreSQL
+# ---------------------------------------------------------------------------
+
+class Server:
+    """A pairserver process, its URL and the lines it logs."""
+
+    def __init__(self, proc, port):
+        self.proc, self.port, self.url = proc, port, f"http://127.0.0.1:{port}"
+        self.log: list[str] = []
+
+    @classmethod
+    async def start(cls, *args, port=None):
+        port = port or free_port()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(HERE / "pairserver.py"), "--port", str(port), "--pool", "0", *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        server = cls(proc, port)
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert b"pairserver on" in line, (line, await proc.stderr.read())
+        return server
+
+    async def wait_log(self, text: str, seconds: float = 10) -> str:
+        """The next logged line holding text."""
+        while True:
+            line = (await asyncio.wait_for(self.proc.stderr.readline(), seconds)).decode()
+            assert line, "the server ended"
+            self.log.append(line)
+            if text in line:
+                return line
+
+    async def stop(self, sig=signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        code = await asyncio.wait_for(self.proc.wait(), 15)
+        self.log += (await self.proc.stderr.read()).decode().splitlines()
+        return code
+
+
+async def type_lines(http, url, room, client_id, lines, version=None):
+    """Connect, type each line at the end, wait until each is acknowledged;
+    returns the version after the last."""
+    ws = await http.ws_connect(f"{url.replace('http', 'ws')}/ws/{room}/{client_id}")
+    init = await ws.receive_json(timeout=5)
+    version, length = init["version"], len(to_units(init["code"]))
+    for i, line in enumerate(lines):
+        await edit(ws, version, (length, length, line), seq=i)
+        ack = await next_of(ws, "code_update")
+        assert ack["clientId"] == client_id and ack["seq"] == i
+        version, length = ack["version"], length + len(to_units(line))
+    await ws.close()
+    return version
+
+
+def stored_version(db, room) -> int:
+    with sqlite3.connect(db) as conn:
+        row = conn.execute("SELECT version FROM pairserver_rooms WHERE id = ?", (room,)).fetchone()
+    return row[0] if row else -1
+
+
+def find_postgres_bin() -> Path | None:
+    found = shutil.which("initdb")
+    candidates = [Path(found).parent] if found else sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    return next((c for c in candidates if (c / "pg_ctl").exists()), None)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A PostgreSQL server of our own in a temporary folder: (URL, pg_ctl command)."""
+    bin_dir = find_postgres_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    data, port = Path(tempfile.mkdtemp(prefix="pairserver-pg-")), free_port()  # in /tmp: reachable
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # initdb refuses root
+    if as_user:
+        shutil.chown(data, "postgres")
+    subprocess.run([*as_user, bin_dir / "initdb", "-D", data / "db", "-A", "trust", "-U", "pairserver"],
+                   check=True, capture_output=True)
+    pg_ctl = [*as_user, bin_dir / "pg_ctl", "-D", data / "db", "-l", data / "db" / "log", "-w",
+              "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1"]
+    subprocess.run([*pg_ctl, "start"], check=True, capture_output=True)
+    yield f"postgresql://pairserver@127.0.0.1:{port}/postgres", pg_ctl
+    subprocess.run([*pg_ctl, "stop", "-m", "immediate"], capture_output=True)
+    shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request, tmp_path):
+    """Where a test's server keeps its rooms: a fresh SQLite file, or a fresh
+    table in our PostgreSQL server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "rooms.db")
+    url, _ = request.getfixturevalue("postgres")
+    import asyncpg
+
+    async def clear():
+        conn = await asyncpg.connect(url)
+        await conn.execute("DROP TABLE IF EXISTS pairserver_rooms")
+        await conn.close()
+    asyncio.run(clear())
+    return url
+
+
+async def test_rooms_survive_a_graceful_restart_and_versions_continue(db):
+    server = await Server.start("--db", db)
+    async with aiohttp.ClientSession() as http:
+        room = (await (await http.post(f"{server.url}/rooms", json={"code": "# notes\n"})).json())["roomId"]
+        version = await type_lines(http, server.url, room, "alice", [f"line {i} 😀\n" for i in range(30)])
+        assert await server.stop() == 0
+        server = await Server.start("--db", db, port=server.port)
+        state = await (await http.get(f"{server.url}/rooms/{room}")).json()
+        assert state["code"] == "# notes\n" + "".join(f"line {i} 😀\n" for i in range(30))
+        assert state["version"] == version == 30
+        # both come back and type at once: versions go on, and they converge
+        alice = await http.ws_connect(f"{server.url.replace('http', 'ws')}/ws/{room}/alice")
+        bob = await http.ws_connect(f"{server.url.replace('http', 'ws')}/ws/{room}/bob")
+        for ws in (alice, bob):
+            assert (await ws.receive_json(timeout=5))["version"] == 30
+        end = len(to_units(state["code"]))
+        await asyncio.gather(edit(alice, 30, (end, end, "A")), edit(bob, 30, (0, 0, "B")))
+        texts = []
+        for ws in (alice, bob):
+            text = state["code"]
+            for version in (31, 32):
+                update = await next_of(ws, "code_update")
+                assert update["version"] == version
+                text = replay(to_units(text), update["changes"])
+            texts.append(from_units(text))
+            await ws.close()
+        final = (await (await http.get(f"{server.url}/rooms/{room}")).json())["code"]
+        assert texts == [final, final] and final.startswith("B# notes") and final.endswith("A")
+    assert await server.stop() == 0
+    assert "1 rooms restored" in "".join(server.log)
+
+
+async def test_sqlite_after_sigkill_only_the_last_second_is_lost(tmp_path):
+    db = str(tmp_path / "rooms.db")
+    server = await Server.start("--db", db)
+    async with aiohttp.ClientSession() as http:
+        room = (await (await http.post(f"{server.url}/rooms")).json())["roomId"]
+        await type_lines(http, server.url, room, "alice", [f"kept {i}\n" for i in range(10)])
+        assert await until(lambda: stored_version(db, room) == 10)  # written behind, within a second
+        await type_lines(http, server.url, room, "alice", ["maybe lost\n"])
+        assert await server.stop(signal.SIGKILL) == -signal.SIGKILL
+        server = await Server.start("--db", db, port=server.port)
+        state = await (await http.get(f"{server.url}/rooms/{room}")).json()
+        assert state["code"].startswith("".join(f"kept {i}\n" for i in range(10)))
+        assert state["version"] in (10, 11)
+    assert await server.stop() == 0
+
+
+async def test_a_corrupt_sqlite_file_is_a_clear_startup_error(tmp_path):
+    db = tmp_path / "rooms.db"
+    db.write_bytes(b"this is not a database, " * 100)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(HERE / "pairserver.py"), "--port", str(free_port()), "--db", str(db),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode not in (0, None)
+    assert f"--db {db}: file is not a database" in err.decode()
+
+
+async def test_an_unreachable_postgresql_is_a_clear_startup_error():
+    pytest.importorskip("asyncpg")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(HERE / "pairserver.py"), "--port", str(free_port()),
+        "--db", f"postgresql://nobody@127.0.0.1:{free_port()}/none",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode not in (0, None) and "--db <PostgresStore postgresql://...@127.0.0.1" in err.decode()
+
+
+async def test_sqlite_failing_mid_session_loses_nothing(tmp_path):
+    db = str(tmp_path / "rooms.db")
+    server = await Server.start("--db", db)
+    async with aiohttp.ClientSession() as http:
+        room = (await (await http.post(f"{server.url}/rooms")).json())["roomId"]
+        await type_lines(http, server.url, room, "alice", ["before\n"])
+        assert await until(lambda: stored_version(db, room) == 1)
+        blocker = sqlite3.connect(db, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the database: every write fails
+        await type_lines(http, server.url, room, "alice", [f"during {i}\n" for i in range(5)])
+        await server.wait_log("cannot write rooms")
+        assert (await http.get(f"{server.url}/health")).status == 200  # still serving from memory
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        await server.wait_log("works again")
+        assert stored_version(db, room) == 6
+        assert await server.stop() == 0
+        assert sum("cannot write rooms" in line for line in server.log) == 1  # once per episode
+        server = await Server.start("--db", db, port=server.port)
+        state = await (await http.get(f"{server.url}/rooms/{room}")).json()
+        assert state["code"] == "before\n" + "".join(f"during {i}\n" for i in range(5))
+    assert await server.stop() == 0
+
+
+async def test_postgresql_restarted_mid_session_loses_nothing(postgres):
+    url, pg_ctl = postgres
+    server = await Server.start("--db", url)
+    async with aiohttp.ClientSession() as http:
+        room = (await (await http.post(f"{server.url}/rooms")).json())["roomId"]
+        await type_lines(http, server.url, room, "alice", ["before\n"])
+        subprocess.run([*pg_ctl, "stop", "-m", "fast"], check=True, capture_output=True)
+        await type_lines(http, server.url, room, "alice", [f"during {i}\n" for i in range(5)])
+        await server.wait_log("cannot write rooms")
+        subprocess.run([*pg_ctl, "start"], check=True, capture_output=True)
+        await server.wait_log("works again", seconds=20)
+        assert await server.stop() == 0
+        server = await Server.start("--db", url, port=server.port)
+        state = await (await http.get(f"{server.url}/rooms/{room}")).json()
+        assert state["code"] == "before\n" + "".join(f"during {i}\n" for i in range(5))
+        assert state["version"] == 6
+    assert await server.stop() == 0
+
+
+async def test_idle_rooms_expire_from_memory_and_store(aiohttp_client, tmp_path):
+    db = str(tmp_path / "rooms.db")
+    server = await aiohttp_client(create_app(db=db, room_ttl=0.5, pool=0))
+    rooms = server.app[ROOMS]
+    idle = rooms.create(code="idle")
+    busy = rooms.create(code="busy")
+    ws, _ = await join(server, busy.id, "alice")  # somebody is in it
+    await asyncio.sleep(0.6)  # older than the ttl
+    rooms.expire(0.5)
+    assert rooms.get(idle.id) is None and rooms.get(busy.id) is busy
+    assert await until(lambda: stored_version(db, busy.id) == 0 and stored_version(db, idle.id) == -1)
+    await ws.close()
