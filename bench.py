@@ -1,6 +1,6 @@
 """Benchmarks for pairserver, each beside a baseline measured in the same run.
 
-    python bench.py collab [--rooms 50 --clients 6 --rate 5 --seconds 10]
+    python bench.py collab [--rooms 50 --clients 6 --rate 5 --seconds 10] [--db sqlite --db postgres]
     python bench.py execute [--runs 50 --seconds 10]
     python bench.py autocomplete [--files 25 --per-file 8 --seed 7]
 
@@ -26,12 +26,16 @@ for the benchmark only) on the same cases.
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import random
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -185,28 +189,59 @@ async def idle_memory(proc: subprocess.Popen, port: int, connections: int, greet
 
 
 def collab(args: argparse.Namespace) -> None:
-    """Measure both servers under the same load; print the figures and ratios."""
+    """Measure the servers under the same load; print the figures and ratios.
+    With --db, pairserver keeping its rooms there is measured too."""
     print(f"collab: {args.rooms} rooms x {args.clients} clients x {args.rate} edits/s, "
           f"{args.seconds:g} s measured after 2 s warm-up")
-    results = {}
-    for kind in ("relay", "pairserver"):
-        port = free_port()
-        proc = start(kind, port, *(["--max-rooms", "5000"] if kind == "pairserver" else []))
-        try:
-            figures = asyncio.run(collab_load(port, args.rooms, args.clients, args.rate, args.seconds))
-            figures["kib"] = asyncio.run(idle_memory(proc, port, args.idle, kind == "pairserver"))
-        finally:
-            proc.terminate()
-            proc.wait(10)
-        results[kind] = figures
-        if figures["errors"]:
-            print(f"warning: {kind} refused {figures['errors']} updates")
-    print(f"{'':12} {'p50 ms':>8} {'p99 ms':>8} {'updates/s':>10} {'KiB/idle conn':>14}")
+    with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as stack:
+        servers = {"relay": [], "pairserver": ["--max-rooms", "5000", "--pool", "0"]}
+        for db in args.db or []:
+            where = str(Path(scratch, "rooms.db")) if db == "sqlite" else \
+                stack.enter_context(postgres_server(scratch)) if db == "postgres" else db
+            servers[f"pairserver+{db}"] = [*servers["pairserver"], "--db", where]
+        results = {}
+        for kind, flags in servers.items():
+            port = free_port()
+            proc = start(kind.split("+")[0], port, *flags)
+            try:
+                figures = asyncio.run(collab_load(port, args.rooms, args.clients, args.rate, args.seconds))
+                figures["kib"] = asyncio.run(idle_memory(proc, port, args.idle, kind != "relay"))
+            finally:
+                proc.terminate()
+                proc.wait(10)
+            results[kind] = figures
+            if figures["errors"]:
+                print(f"warning: {kind} refused {figures['errors']} updates")
+    print(f"{'':20} {'p50 ms':>8} {'p99 ms':>8} {'updates/s':>10} {'KiB/idle conn':>14}")
     for kind, f in results.items():
-        print(f"{kind:12} {f['p50']:8.2f} {f['p99']:8.2f} {f['updates']:10.0f} {f['kib']:14.1f}")
+        print(f"{kind:20} {f['p50']:8.2f} {f['p99']:8.2f} {f['updates']:10.0f} {f['kib']:14.1f}")
     r, p = results["relay"], results["pairserver"]
     print(f"pairserver / relay: p50 {p['p50'] / r['p50']:.2f}x, p99 {p['p99'] / r['p99']:.2f}x "
           f"(target <= 2x), memory {p['kib'] / r['kib']:.2f}x ({p['kib']:.1f} KiB, target <= 25)")
+    for kind in results.keys() - {"relay", "pairserver"}:
+        print(f"{kind} / pairserver in memory: p99 {results[kind]['p99'] / p['p99']:.2f}x (target <= 1.10x)")
+
+
+@contextlib.contextmanager
+def postgres_server(scratch: str):
+    """A PostgreSQL server of the benchmark's own, in a temporary folder: its URL."""
+    bin_dir = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
+    if bin_dir is None:
+        sys.exit("--db postgres needs PostgreSQL installed (apt-get install postgresql)")
+    data, port = Path(tempfile.mkdtemp(prefix="pairserver-bench-pg-")), free_port()
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # initdb refuses root
+    if as_user:
+        shutil.chown(data, "postgres")
+    subprocess.run([*as_user, bin_dir / "initdb", "-D", data / "db", "-A", "trust", "-U", "bench"],
+                   check=True, capture_output=True)
+    pg_ctl = [*as_user, bin_dir / "pg_ctl", "-D", data / "db", "-l", data / "log", "-w",
+              "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1"]
+    subprocess.run([*pg_ctl, "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql://bench@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*pg_ctl, "stop", "-m", "fast"], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------
@@ -428,6 +463,8 @@ def main() -> None:
     c.add_argument("--rate", type=float, default=5.0, help="edits per second per client")
     c.add_argument("--seconds", type=float, default=10.0)
     c.add_argument("--idle", type=int, default=1000, help="idle connections for the memory figure")
+    c.add_argument("--db", action="append", help="also measure rooms kept in: sqlite, postgres (a server "
+                                                 "of the benchmark's own), or a path or URL; repeatable")
     e = sub.add_parser("execute", help="run round trips against cold starts, and throughput")
     e.add_argument("--runs", type=int, default=50)
     e.add_argument("--seconds", type=float, default=10.0, help="length of the throughput test")

@@ -653,6 +653,7 @@ class SqliteStore:
         try:
             self.db = sqlite3.connect(self.path, timeout=0.5, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crashed process loses nothing written
             with self.db:
                 self.db.execute(_SCHEMA)
             return self.db.execute(_LOAD).fetchall()
