@@ -197,21 +197,25 @@ def collab(args: argparse.Namespace) -> None:
         servers = {"relay": [], "pairserver": ["--max-rooms", "5000", "--pool", "0"]}
         for db in args.db or []:
             where = str(Path(scratch, "rooms.db")) if db == "sqlite" else \
-                stack.enter_context(postgres_server(scratch)) if db == "postgres" else db
+                stack.enter_context(postgres_server()) if db == "postgres" else db
             servers[f"pairserver+{db}"] = [*servers["pairserver"], "--db", where]
-        results = {}
-        for kind, flags in servers.items():
-            port = free_port()
-            proc = start(kind.split("+")[0], port, *flags)
-            try:
-                figures = asyncio.run(collab_load(port, args.rooms, args.clients, args.rate, args.seconds))
-                figures["kib"] = asyncio.run(idle_memory(proc, port, args.idle, kind != "relay"))
-            finally:
-                proc.terminate()
-                proc.wait(10)
-            results[kind] = figures
-            if figures["errors"]:
-                print(f"warning: {kind} refused {figures['errors']} updates")
+        runs: dict[str, list[dict]] = {kind: [] for kind in servers}
+        for _ in range(args.repeat):  # the servers in turn, so that drifts of the machine hit all alike
+            for kind, flags in servers.items():
+                port = free_port()
+                proc = start(kind.split("+")[0], port, *flags)
+                try:
+                    figures = asyncio.run(collab_load(port, args.rooms, args.clients, args.rate, args.seconds))
+                    figures["kib"] = asyncio.run(idle_memory(proc, port, args.idle, kind != "relay"))
+                finally:
+                    proc.terminate()
+                    proc.wait(10)
+                runs[kind].append(figures)
+                if figures["errors"]:
+                    print(f"warning: {kind} refused {figures['errors']} updates")
+    results = {kind: {k: statistics.median(f[k] for f in fs) for k in fs[0]} for kind, fs in runs.items()}
+    if args.repeat > 1:
+        print(f"medians of {args.repeat} runs each")
     print(f"{'':20} {'p50 ms':>8} {'p99 ms':>8} {'updates/s':>10} {'KiB/idle conn':>14}")
     for kind, f in results.items():
         print(f"{kind:20} {f['p50']:8.2f} {f['p99']:8.2f} {f['updates']:10.0f} {f['kib']:14.1f}")
@@ -223,7 +227,7 @@ def collab(args: argparse.Namespace) -> None:
 
 
 @contextlib.contextmanager
-def postgres_server(scratch: str):
+def postgres_server():
     """A PostgreSQL server of the benchmark's own, in a temporary folder: its URL."""
     bin_dir = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
     if bin_dir is None:
@@ -462,6 +466,7 @@ def main() -> None:
     c.add_argument("--clients", type=int, default=6)
     c.add_argument("--rate", type=float, default=5.0, help="edits per second per client")
     c.add_argument("--seconds", type=float, default=10.0)
+    c.add_argument("--repeat", type=int, default=1, help="runs of each server, taking the medians")
     c.add_argument("--idle", type=int, default=1000, help="idle connections for the memory figure")
     c.add_argument("--db", action="append", help="also measure rooms kept in: sqlite, postgres (a server "
                                                  "of the benchmark's own), or a path or URL; repeatable")
