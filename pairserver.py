@@ -1444,6 +1444,9 @@ def _make_cgroup_base() -> list[Path]:
     trees = [root / base] if v2 else [root / "pids" / base, root / "memory" / base]
     try:
         for tree in trees:
+            for stale in tree.parent.glob("pairserver-*-*"):  # left by a server that was killed
+                if not Path("/proc", stale.name.split("-")[1]).exists():
+                    _rmdir_all(stale)
             tree.mkdir(exist_ok=True)
             if (tree / "cgroup.subtree_control").exists():
                 (tree / "cgroup.subtree_control").write_text("+pids +memory")
