@@ -1429,3 +1429,132 @@ async def test_idle_rooms_expire_from_memory_and_store(aiohttp_client, tmp_path)
     assert rooms.get(idle.id) is None and rooms.get(busy.id) is busy
     assert await until(lambda: stored_version(db, busy.id) == 0 and stored_version(db, idle.id) == -1)
     await ws.close()
+
+
+# ---------------------------------------------------------------------------
+# The demo page in a real browser (Chromium, driven by Playwright)
+# ---------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SHOTS = HERE / "screenshots"
+
+
+@pytest.fixture
+async def chromium():
+    if not CHROMIUM:
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    playwright = pytest.importorskip("playwright.async_api")
+    async with playwright.async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"])
+        yield browser
+        await browser.close()
+
+
+class Person:
+    """One person in a browser context of their own, and what their console said."""
+
+    def __init__(self, context, page):
+        self.context, self.page, self.errors = context, page, []
+
+    @classmethod
+    async def open(cls, browser, server, room, name):
+        context = await browser.new_context(viewport={"width": 1280, "height": 800})
+        page = await context.new_page()
+        person = cls(context, page)
+        page.on("console", lambda m: m.type == "error" and person.errors.append(m.text))
+        page.on("pageerror", lambda e: person.errors.append(str(e)))
+        await page.add_init_script(f"localStorage.setItem('pairserver.name', {name!r})")
+        await page.goto(str(server.make_url("/")) + f"#room={room}")
+        await page.locator("#status.online").wait_for(timeout=10000)
+        return person
+
+    async def text(self) -> str:
+        return await self.page.input_value("#code")
+
+    async def caret_at(self, position: int) -> None:
+        await self.page.locator("#code").focus()
+        await self.page.evaluate(f"document.getElementById('code').setSelectionRange({position}, {position})")
+
+
+async def eventually(check, seconds=10.0):
+    """Await an async check until it is true or the time is up (a browser and
+    a server converge with no event the test can wait on)."""
+    deadline = time.monotonic() + seconds
+    while not await check():
+        assert time.monotonic() < deadline, "never happened"
+        await asyncio.sleep(0.05)
+
+
+async def test_page_two_people_type_into_one_line_at_once(server, chromium):
+    room = await make_room(server, "greeting = \nprint(greeting)\n")
+    alice, bob = [await Person.open(chromium, server, room, name) for name in ("Alice", "Bob")]
+    for person in (alice, bob):
+        await person.caret_at(11)
+    await asyncio.gather(alice.page.keyboard.type("'hello' ", delay=25), bob.page.keyboard.type("'world' ", delay=25))
+
+    async def same():
+        texts = {await alice.text(), await bob.text(), await room_text(server, room)}
+        return len(texts) == 1
+    await eventually(same)
+    final = await alice.text()
+    assert "'hello' " in final and "'world' " in final and final.endswith("\nprint(greeting)\n")
+    await alice.page.locator("#people li", has_text="Bob").wait_for()
+    SHOTS.mkdir(exist_ok=True)
+    for person, name in ((alice, "alice"), (bob, "bob")):
+        await person.page.screenshot(path=SHOTS / f"two-people-{name}.png")
+        assert person.errors == []
+
+
+async def test_page_a_run_streams_to_the_other_person_under_the_lock(server, chromium):
+    room = await make_room(server, "import time\nprint('first', flush=True)\ntime.sleep(0.8)\nprint('second')\n")
+    alice, bob = [await Person.open(chromium, server, room, name) for name in ("Alice", "Bob")]
+    await alice.page.click("#run")
+    await bob.page.locator("#runner", has_text="Alice is running").wait_for()
+    assert await bob.page.locator("#run").is_disabled()
+    await bob.page.locator("#output", has_text="first").wait_for()
+    assert "second" not in await bob.page.inner_text("#output")  # streamed while it runs
+    await bob.page.locator("#output", has_text="exit code 0").wait_for()
+    assert "second" in await bob.page.inner_text("#output") and not await bob.page.locator("#run").is_disabled()
+    SHOTS.mkdir(exist_ok=True)
+    await bob.page.screenshot(path=SHOTS / "run-bob.png")
+    assert alice.errors == bob.errors == []
+
+
+async def test_page_typing_offline_is_sent_on_return(server, chromium):
+    room = await make_room(server, "notes = []\n")
+    alice, bob = [await Person.open(chromium, server, room, name) for name in ("Alice", "Bob")]
+    bob_id = await bob.page.evaluate("S.clientId")
+    await bob.context.set_offline(True)
+    server.app[ROOMS].get(room).clients[bob_id].transport.abort()  # the network goes
+    await bob.page.locator("#status.offline").wait_for()
+    await bob.caret_at(len("notes = []\n"))
+    await bob.page.keyboard.type("notes.append('typed offline')\n")
+    await alice.caret_at(0)
+    await alice.page.keyboard.type("# online\n")
+    await bob.context.set_offline(False)
+
+    async def merged():
+        texts = {await alice.text(), await bob.text(), await room_text(server, room)}
+        return len(texts) == 1 and "typed offline" in texts.pop()
+    await eventually(merged, 20)
+    assert (await alice.text()).startswith("# online\nnotes = []\n")
+    assert alice.errors == bob.errors == []
+
+
+async def test_page_autocomplete_inserts_the_chosen_name(server, chromium):
+    room = await make_room(server, "temperature_celsius = 21\n")
+    alice = await Person.open(chromium, server, room, "Alice")
+    await alice.caret_at(len("temperature_celsius = 21\n"))
+    await alice.page.keyboard.type("print(tem")
+    await alice.page.keyboard.press("Control+Space")
+    await alice.page.locator("#popup li.active", has_text="temperature_celsius").wait_for()
+    await alice.page.keyboard.press("Enter")
+    assert await alice.text() == "temperature_celsius = 21\nprint(temperature_celsius"
+    await eventually(lambda: room_text_is(server, room, "temperature_celsius = 21\nprint(temperature_celsius"))
+    assert alice.errors == []
+
+
+async def room_text_is(server, room, text) -> bool:
+    return await room_text(server, room) == text
