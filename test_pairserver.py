@@ -1558,3 +1558,21 @@ async def test_page_autocomplete_inserts_the_chosen_name(server, chromium):
 
 async def room_text_is(server, room, text) -> bool:
     return await room_text(server, room) == text
+
+
+async def test_page_makes_a_room_and_says_when_a_room_is_unknown(server, chromium):
+    context = await chromium.new_context()
+    page = await context.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    await page.add_init_script("localStorage.setItem('pairserver.name', 'Ana')")
+    await page.goto(str(server.make_url("/")) + "#room=no-such-room")
+    await page.locator("#notice", has_text="does not exist").wait_for()
+    await page.goto(str(server.make_url("/")))
+    await page.fill("#starter", "print('starter')\n")
+    await page.click("#create")
+    await page.locator("#status.online").wait_for()
+    room = page.url.split("#room=")[1]
+    assert await page.input_value("#code") == "print('starter')\n" == await room_text(server, room)
+    assert errors == []
+    await context.close()
