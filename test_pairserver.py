@@ -56,6 +56,14 @@ async def join(server, room_id, client_id, **params):
     return ws, init
 
 
+async def two_in_room(server, code=""):
+    """A new room with alice and bob connected: (room id, alice's socket, bob's)."""
+    room = await make_room(server, code)
+    alice, _ = await join(server, room, "alice")
+    bob, _ = await join(server, room, "bob")
+    return room, alice, bob
+
+
 async def next_of(ws, kind: str) -> dict:
     """The next message of type `kind`, passing over presence and cursor news."""
     while True:
@@ -393,9 +401,7 @@ async def test_init_and_presence(server):
 
 
 async def test_cursors_go_to_the_others_are_clamped_and_follow_edits(server):
-    room = await make_room(server, "abcdef")
-    alice, _ = await join(server, room, "alice")
-    bob, _ = await join(server, room, "bob")
+    room, alice, bob = await two_in_room(server, "abcdef")
     await bob.send_json({"type": "cursor", "position": 4, "selectionEnd": 99})
     assert await next_of(alice, "cursor") == {"type": "cursor", "clientId": "bob",
                                                "position": 4, "selectionEnd": 6}
@@ -413,9 +419,7 @@ async def test_cursors_go_to_the_others_are_clamped_and_follow_edits(server):
 
 
 async def test_language_change_reaches_everyone(server):
-    room = await make_room(server)
-    alice, _ = await join(server, room, "alice")
-    bob, _ = await join(server, room, "bob")
+    room, alice, bob = await two_in_room(server)
     await alice.send_json({"type": "language", "language": "javascript"})
     for ws in (alice, bob):
         assert await next_of(ws, "language") == {"type": "language", "language": "javascript",
@@ -479,9 +483,7 @@ async def test_second_connection_replaces_the_first_without_leave_or_join(server
 # ---------------------------------------------------------------------------
 
 async def test_an_edit_reaches_everyone_author_included(server):
-    room = await make_room(server, "print()")
-    alice, _ = await join(server, room, "alice")
-    bob, _ = await join(server, room, "bob")
+    room, alice, bob = await two_in_room(server, "print()")
     watcher, _ = await join(server, room, "watcher", full="1")
     await edit(alice, 0, (6, 6, "'hi'"), seq=7)
     expected = {"type": "code_update", "version": 1, "clientId": "alice", "seq": 7,
@@ -495,9 +497,7 @@ async def test_an_edit_reaches_everyone_author_included(server):
 
 
 async def test_two_clients_typing_at_one_place_at_once_keep_both_texts(server):
-    room = await make_room(server, "x = \n")
-    alice, _ = await join(server, room, "alice")
-    bob, _ = await join(server, room, "bob")
+    room, alice, bob = await two_in_room(server, "x = \n")
     await asyncio.gather(edit(alice, 0, (4, 4, "'alice'")), edit(bob, 0, (4, 4, "'bob'")))
     texts = []
     for ws in (alice, bob):
@@ -514,9 +514,7 @@ async def test_two_clients_typing_at_one_place_at_once_keep_both_texts(server):
 
 
 async def test_stale_deletion_over_a_concurrent_insert_keeps_the_insert(server):
-    room = await make_room(server, "def f():\n    return 1\n")
-    alice, _ = await join(server, room, "alice")
-    bob, _ = await join(server, room, "bob")
+    room, alice, bob = await two_in_room(server, "def f():\n    return 1\n")
     await edit(alice, 0, (21, 21, "0"))                   # return 10
     assert (await next_of(bob, "code_update"))["version"] == 1
     await edit(bob, 0, (9, 22, ""), seq="b1")             # bob, still at v0, deletes the body
@@ -544,9 +542,7 @@ async def test_emoji_offsets_over_the_socket(server):
 
 
 async def test_whole_text_updates_with_and_without_a_base_version(server):
-    room = await make_room(server, "a = 1\nb = 2\n")
-    alice, _ = await join(server, room, "alice")
-    bob, _ = await join(server, room, "bob")
+    room, alice, bob = await two_in_room(server, "a = 1\nb = 2\n")
     await edit(alice, 0, (0, 0, "# top\n"))
     await next_of(bob, "code_update")
     await next_of(alice, "code_update")
@@ -998,9 +994,7 @@ async def test_a_run_in_a_room_streams_to_everyone(server):
 
 
 async def test_a_second_run_is_refused_while_one_runs_and_cancel_stops_it(server):
-    room = await make_room(server, "print('looping', flush=True)\nwhile True: pass\n")
-    alice, _ = await join(server, room, "alice")
-    bob, _ = await join(server, room, "bob")
+    room, alice, bob = await two_in_room(server, "print('looping', flush=True)\nwhile True: pass\n")
     await alice.send_json({"type": "execute"})
     assert (await next_of(bob, "execution_lock"))["locked"] is True
     state = await (await server.get(f"/rooms/{room}")).json()
@@ -1020,9 +1014,7 @@ async def test_a_second_run_is_refused_while_one_runs_and_cancel_stops_it(server
 
 
 async def test_the_lock_is_released_when_the_starter_disconnects(server):
-    room = await make_room(server, "import time\ntime.sleep(0.5)\nprint('done')\n")
-    alice, _ = await join(server, room, "alice")
-    bob, _ = await join(server, room, "bob")
+    room, alice, bob = await two_in_room(server, "import time\ntime.sleep(0.5)\nprint('done')\n")
     await alice.send_json({"type": "execute"})
     assert (await next_of(bob, "execution_lock"))["locked"] is True
     await alice.close()
