@@ -768,24 +768,26 @@ _TYPE_METHODS = sorted({n for t in (str, bytes, list, dict, set) for n in dir(t)
 
 @dataclass
 class _Parse:
-    """The text parsed around the cursor: the tree and where the cursor is in it."""
+    """The text parsed around the cursor: the cursor's block and where the
+    cursor is in it (lines counted from the block's first), the statements of
+    every block, and the names bound at the top level."""
 
     tree: ast.Module
     row: int
     col: int
-    top_names: dict  #: {name: (kind, detail)} bound at the top level, block by block
+    body: list[ast.stmt]
+    top_names: dict  #: {name: (kind, detail)}
 
     def scopes(self) -> list[ast.AST]:
         return _scope_chain(self.tree, self.row, self.col)
 
+    def statements(self, scope: ast.AST) -> list[ast.stmt]:
+        """A scope's statements, with those of its if, try and with blocks one level down."""
+        body = self.body if scope is self.tree else getattr(scope, "body", None)
+        return [n for top in body for n in [top, *getattr(top, "body", [])]] if isinstance(body, list) else []
+
     def classes(self) -> dict[str, ast.ClassDef]:
-        return {n.name: n for n in _statements(self.tree) if isinstance(n, ast.ClassDef)}
-
-
-def _statements(scope: ast.AST | None) -> list[ast.stmt]:
-    """A scope's statements, with those of its if, try and with blocks one level down."""
-    body = getattr(scope, "body", None)
-    return [n for top in body for n in [top, *getattr(top, "body", [])]] if isinstance(body, list) else []
+        return {n.name: n for n in self.statements(self.tree) if isinstance(n, ast.ClassDef)}
 
 
 def suggest(code: str, cursor: int, language: str = "python") -> dict:
@@ -882,20 +884,32 @@ def _parse_near(code: str, start: int) -> _Parse:
     is repaired so that the word at the cursor is a name in its innermost scope."""
     lines = code.split("\n")
     row = code.count("\n", 0, start)
-    tops = [i for i, line in enumerate(lines) if line[:1].strip() and not line.startswith(
-        ("#", ")", "]", "}", "else", "elif", "except", "finally")) and not lines[i - 1].startswith("@")]
-    if not tops or tops[0]:
-        tops.insert(0, 0)
     body, names = [], {}
-    for first, end in zip(tops, tops[1:] + [len(lines)]):
+    for first, end in zip(tops := _blocks(lines), tops[1:] + [len(lines)]):
         if first <= row < end:
             block, col = _parse_cursor_block(lines, first, row, end, start - (code.rfind("\n", 0, start) + 1))
-            bound = _bindings(ast.Module(body=block, type_ignores=[]))
+            bound, at = _bindings(ast.Module(body=block, type_ignores=[]), first), first
+            cursor_block = block
         else:
             block, bound = _parse_block(first, "\n".join(lines[first:end]))
         body += block
         names.update(bound)
-    return _Parse(ast.Module(body=body, type_ignores=[]), row, col, names)
+    return _Parse(ast.Module(body=cursor_block, type_ignores=[]), row - at, col, body, names)
+
+
+_DEFINES = ("def ", "async ", "class ", "@")
+
+
+def _blocks(lines: list[str]) -> list[int]:
+    """Where the top-level blocks start: each definition is one; the lines
+    between definitions go together, at most 200 at a time."""
+    starts = [0]
+    for i, line in enumerate(lines):
+        if i and line[:1].strip() and not line.startswith(("#", ")", "]", "}", "else", "elif", "except", "finally")) \
+                and not lines[i - 1].startswith("@") and (line.startswith(_DEFINES) or lines[starts[-1]].startswith(
+                    _DEFINES) or i - starts[-1] > 200):
+            starts.append(i)
+    return starts
 
 
 @functools.lru_cache(maxsize=4096)
@@ -903,8 +917,8 @@ def _parse_block(first: int, text: str) -> tuple[list[ast.stmt], dict]:
     """The statements of one top-level block starting at line `first`, mended
     line by line where it does not parse ([] where that fails), and the names
     they bind."""
-    body = _mend("\n" * first + text, -1)[0] or []
-    return body, _bindings(ast.Module(body=body, type_ignores=[]))
+    body = _mend(text, -1)[0] or []
+    return body, _bindings(ast.Module(body=body, type_ignores=[]), first)
 
 
 def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: int) -> tuple[list, int]:
@@ -922,18 +936,19 @@ def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: i
                 (indent + "pass", len(indent))]
     for line, at in [(head + "__cursor__" + tail, col)] * bool(tail.strip()) + variants:
         for stop in (end, row + 1):  # then without the block's lines after the cursor
-            body, bad = _mend("\n" * first + "\n".join(lines[first:row] + [line] + lines[row + 1:stop]), row)
+            body, bad = _mend("\n".join(lines[first:row] + [line] + lines[row + 1:stop]), row - first)
             if body is not None:
                 return body, at
-            if bad <= row:  # the cursor's line itself: the lines after it are not to blame
+            if bad <= row - first:  # the cursor's line itself: the lines after it are not to blame
                 break
     return [], 0
 
 
 def _mend(text: str, keep: int) -> tuple[list[ast.stmt] | None, int]:
-    """Parse text, mending each line that breaks it (a missing colon added,
-    else the line made `pass`, then blank); line `keep` only by a colon.
-    Returns the statements, or None and the line it gave up on."""
+    """Parse a block's text, mending each line that breaks it (a missing colon
+    added, else the line made `pass`, then blank); line `keep` only by a colon.
+    Returns the statements (lines counted from the block's first), or None and
+    the line it gave up on."""
     lines, patched, bad = text.split("\n"), set(), -1
     for _ in range(8):
         try:
@@ -978,8 +993,10 @@ def _names(parse: _Parse) -> list[Suggestion]:
     return found
 
 
-def _bindings(scope: ast.AST) -> dict[str, tuple[str, str | None]]:
-    """Names bound in one scope, not in the scopes nested in it: {name: (kind, detail)}."""
+def _bindings(scope: ast.AST, first: int = 0) -> dict[str, tuple[str, str | None]]:
+    """Names bound in one scope, not in the scopes nested in it: {name: (kind,
+    detail)}; `first` is the line the scope's block starts on. Expressions are
+    looked into only where they can bind: targets and `:=`."""
     found: dict[str, tuple[str, str | None]] = {}
     local = "global" if isinstance(scope, ast.Module) else "local"
     in_class = isinstance(scope, ast.ClassDef)
@@ -1009,9 +1026,12 @@ def _bindings(scope: ast.AST) -> dict[str, tuple[str, str | None]]:
         elif isinstance(node, _SCOPES):
             continue
         elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-            found.setdefault(node.id, ("attribute" if in_class else local, f"line {node.lineno}"))
+            found.setdefault(node.id, ("attribute" if in_class else local, f"line {node.lineno + first}"))
         elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
-            found.setdefault(node.name, (local, f"line {node.lineno}"))
+            found.setdefault(node.name, (local, f"line {node.lineno + first}"))
+        elif isinstance(node, ast.expr) and not isinstance(node, ast.NamedExpr) \
+                and not isinstance(getattr(node, "ctx", None), ast.Store):
+            continue  # a value: nothing in it binds a name (but a rare := deep inside)
         todo.extend(ast.iter_child_nodes(node))
     return found
 
@@ -1042,7 +1062,7 @@ def _keyword_args(parse: _Parse, code: str, start: int) -> list[Suggestion]:
     if code[i] != "(" or not m:
         return []
     name = m.group(1)
-    defined = [*_statements(parse.tree), *(n for c in parse.classes().values() for n in c.body)]
+    defined = [*parse.statements(parse.tree), *(n for c in parse.classes().values() for n in c.body)]
     node = next((n for n in defined if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
                  and n.name == name), None)
     if isinstance(node, ast.ClassDef):
@@ -1063,7 +1083,7 @@ def _attributes(parse: _Parse, owner: str) -> list[Suggestion]:
     if owner in classes:
         return _members(classes[owner], classes)
     for scope in reversed(chain):  # import a.b as owner / import owner / from a import owner
-        for node in _statements(scope):
+        for node in parse.statements(scope):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 for alias in node.names:
                     if (alias.asname or alias.name) == owner:
@@ -1079,7 +1099,7 @@ def _members(cls: ast.ClassDef, classes: dict[str, ast.ClassDef], seen: int = 0)
     for node in ast.walk(cls):
         if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) \
                 and isinstance(node.value, ast.Name) and node.value.id == "self":
-            found.append((node.attr, "attribute", f"self.{node.attr}, line {node.lineno}", seen))
+            found.append((node.attr, "attribute", f"self.{node.attr}", seen))
     for base in cls.bases:
         if isinstance(base, ast.Name) and base.id in classes and seen < 5:
             found += _members(classes[base.id], classes, seen + 1)
@@ -1590,7 +1610,9 @@ async def autocomplete(request: web.Request) -> web.Response:
         raise PairError("too_large", f"code exceeds {request.app[CONFIG].max_code} UTF-16 code units", 413)
     if not 0 <= cursor <= len(units) or splits_pair(units, cursor):
         raise PairError("bad_request", f"cursorPosition {cursor} is outside the text or inside a character")
-    answer = suggest(code, len(from_units(units[:cursor])), language)
+    args = (code, len(from_units(units[:cursor])), language)
+    # A big text takes long to parse the first time: parse it beside the event loop.
+    answer = suggest(*args) if len(code) < 50_000 else await asyncio.to_thread(suggest, *args)
     span = len(to_units(code[:answer["from"]]))  # back to UTF-16 units
     return web.json_response({**answer, "from": span, "to": cursor})
 

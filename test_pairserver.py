@@ -1569,3 +1569,15 @@ async def test_page_makes_a_room_and_says_when_a_room_is_unknown(server, chromiu
     assert await page.input_value("#code") == "print('starter')\n" == await room_text(server, room)
     assert errors == []
     await context.close()
+
+
+async def test_a_huge_text_to_complete_does_not_stall_the_server(aiohttp_client):
+    server = await aiohttp_client(create_app(pool=0))
+    code = "value = 1\n" * 90_000 + "val"
+    asking = asyncio.ensure_future(server.post("/autocomplete", json={"code": code, "cursorPosition": len(code)}))
+    for _ in range(3):
+        started = time.monotonic()
+        assert (await server.get("/health")).status == 200
+        assert time.monotonic() - started < 0.5
+    resp = await asking
+    assert resp.status == 200 and (await resp.json())["suggestions"][0]["label"] == "value"
