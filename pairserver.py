@@ -106,6 +106,9 @@ class Config:
         "folder holding the demo page, index.html (default: static/ beside this file)")
 
 
+#: Most changes in one update; and work a rebase may take, past which an update gets resync.
+MAX_CHANGES = 10_000
+
 #: The SPEC's close codes.
 CLOSE_REPLACED, CLOSE_BAD_CLIENT, CLOSE_NO_ROOM, CLOSE_FULL = 4000, 4400, 4404, 4429
 
@@ -288,7 +291,7 @@ def invert(op: Op, deleted: list[str]) -> Op:
 def changes_to_op(changes: list, length: int) -> Op:
     """One operation for a SPEC change list, each change against the text the
     previous one left; raises PairError for a malformed one."""
-    op: Op = [length] if length else []
+    steps: list[Op] = [[length] if length else []]
     for change in changes:
         if not isinstance(change, dict):
             raise PairError("bad_change", "each change must be an object")
@@ -296,12 +299,13 @@ def changes_to_op(changes: list, length: int) -> Op:
         insert = to_units(_get(change, "insert", str, "", code="bad_change"))
         if not 0 <= start <= end <= length:
             raise PairError("bad_change", f"change {start}..{end} is outside the text (length {length})")
-        step: Op = []
+        steps.append([])
         for c in (start, insert, start - end, length - end):
-            _push(step, c)
-        op = compose(op, step)
+            _push(steps[-1], c)
         length += len(insert) - (end - start)
-    return op
+    while len(steps) > 1:  # pairwise, so that a thousand changes cost k log k, not k squared
+        steps = [compose(*steps[i:i + 2]) if i + 1 < len(steps) else steps[i] for i in range(0, len(steps), 2)]
+    return steps[0]
 
 
 def diff_to_op(old: str, new: str) -> Op:
@@ -474,9 +478,15 @@ class Room:
             raise Stale(version)
         missed = [op for op, _ in list(self.history)[len(self.history) - (self.version - version):]]
         if code is not None:
+            if missed and len(self.text) * len(missed) > 50_000_000:  # rebuilding the old text is too dear
+                raise Stale(version)
             op = diff_to_op(self.text_at(version), to_units(code))
         else:
+            if len(changes) > MAX_CHANGES:
+                raise PairError("too_large", f"an update may hold at most {MAX_CHANGES} changes")
             op = changes_to_op(changes, len(self.text) - sum(map(_growth, missed)))
+        if missed and sum(map(len, missed)) + len(op) * len(missed) > 200_000:  # so is a rebase this big
+            raise Stale(version)
         for past in missed:
             op = transform(op, past)
         _check_boundaries(self.text, op)

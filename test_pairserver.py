@@ -1581,3 +1581,15 @@ async def test_a_huge_text_to_complete_does_not_stall_the_server(aiohttp_client)
         assert time.monotonic() - started < 0.5
     resp = await asking
     assert resp.status == 200 and (await resp.json())["suggestions"][0]["label"] == "value"
+
+
+def test_huge_updates_are_refused_or_resynced_rather_than_stalling_the_room():
+    room = Room("r", text="a" * 20_000)
+    with pytest.raises(PairError) as e:
+        room.apply_update(0, [{"from": 0, "to": 0, "insert": "x"}] * 10_001)
+    assert e.value.code == "too_large" and room.version == 0
+    room.apply_update(0, [{"from": i, "to": i, "insert": "x"} for i in range(0, 20_000, 2)])  # 10,000 is fine
+    for v in range(1, 25):
+        room.apply_update(v, [{"from": i, "to": i, "insert": "y"} for i in range(0, 10_000, 2)])
+    with pytest.raises(Stale):  # 10,000 changes rebased over 24 updates of 5,000: answered with resync
+        room.apply_update(1, [{"from": i, "to": i, "insert": "z"} for i in range(0, 20_000, 2)])
