@@ -1170,7 +1170,7 @@ def _boot():
         f.write(src)
     try:
         return compile(src, "main.py", "exec")
-    except SyntaxError as e:
+    except (SyntaxError, ValueError) as e:  # ValueError: a NUL byte
         _show(e, None)
 code = _boot()
 del _boot
@@ -1577,7 +1577,7 @@ async def _json_body(request: web.Request, optional: bool = False) -> dict:
         return {}
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
         raise PairError("bad_json", "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise PairError("bad_json", "the body must be a JSON object")
@@ -1745,7 +1745,7 @@ def _receive(app: web.Application, room: Room, client: Client, data: str) -> Non
     try:
         try:
             msg = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise PairError("bad_message", "a message must be one JSON object") from None
         if not isinstance(msg, dict):
             raise PairError("bad_message", "a message must be one JSON object")

@@ -290,6 +290,8 @@ async def test_create_room_without_body_and_ids_are_unguessable(server):
     (b'{"language": "Python 3!"}', 400, "bad_request"),
     (b'{"language": null}', 400, "bad_request"),
     (b'{"code": "\\ud83d"}', 400, "bad_request"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "bad_json"),
+    (b"\xff\xfe", 400, "bad_json"),
 ])
 async def test_create_room_refuses_bad_bodies(server, body, status, code):
     resp = await server.post("/rooms", data=body)
@@ -594,6 +596,7 @@ async def test_an_update_too_old_for_the_history_gets_resync(aiohttp_client):
     ('{"type": "code_update", "changes": [], "seq": 1}', "bad_version"),
     ('{"type": "code_update", "version": 0, "code": 7, "seq": 1}', "bad_change"),
     ('{"type": "code_update", "version": 0, "changes": [], "seq": [1]}', "bad_message"),
+    ("[" * 100_000 + "]" * 100_000, "bad_message"),
     ('{"type": "code_update", "version": 0, "changes": [{"from": 0, "to": 0, "insert": "12345678"}],'
      ' "seq": 1}', "too_large"),
 ])
