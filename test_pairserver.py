@@ -1596,3 +1596,49 @@ def test_huge_updates_are_refused_or_resynced_rather_than_stalling_the_room():
         room.apply_update(v, [{"from": i, "to": i, "insert": "y"} for i in range(0, 10_000, 2)])
     with pytest.raises(Stale):  # 10,000 changes rebased over 24 updates of 5,000: answered with resync
         room.apply_update(1, [{"from": i, "to": i, "insert": "z"} for i in range(0, 20_000, 2)])
+
+
+NODE_CHECK = """
+const cases = JSON.parse(require("fs").readFileSync(0, "utf8"));
+console.log(JSON.stringify(cases.map(([text, a, b]) => ({
+  aFirst: transform(a, b, true), bAfter: transform(b, a, false), composed: compose(a, transform(b, a, false)),
+  changes: opToChanges(a), back: changesToOp(opToChanges(a), text.length), applied: applyOp(text, a),
+}))));
+"""
+
+
+@pytest.mark.skipif(not NODE, reason="node is not on PATH")
+def test_the_page_and_the_server_transform_alike():
+    """The page's operations (its script's first section) against the server's,
+    on random concurrent edits: the same rebasing, and both orders converge."""
+    page = (HERE / "static" / "index.html").read_text()
+    ops_js = page[page.index("const isStr"):page.index("// The page")]
+    rng = random.Random(3)
+
+    def random_op(text):
+        changes, length = [], len(text)
+        for _ in range(rng.randint(1, 3)):
+            start = rng.randint(0, length)
+            end = min(length, start + rng.choice([0, 0, 1, 3]))
+            insert = rng.choice(["", "x", "yz", "😀"])
+            changes.append({"from": start, "to": end, "insert": insert})
+            length += len(to_units(insert)) - (end - start)
+        return changes_to_op(changes, len(text))
+
+    cases = []
+    for _ in range(300):
+        text = to_units("".join(rng.choice("ab\n😀") for _ in range(rng.randint(0, 12))))
+        cases.append([text, random_op(text), random_op(text)])
+    out = subprocess.run([NODE, "-e", ops_js + NODE_CHECK], input=json.dumps(cases),
+                         capture_output=True, text=True, check=True).stdout
+    def units(value):  # JSON from node holds emoji whole; the server's ops hold surrogate pairs
+        return to_units(value) if isinstance(value, str) else [units(v) for v in value] \
+            if isinstance(value, list) else {k: units(v) for k, v in value.items()} \
+            if isinstance(value, dict) else value
+
+    for (text, a, b), js in zip(cases, units(json.loads(out))):
+        assert js["aFirst"] == transform(a, b)                       # the server's rebasing
+        assert apply(apply(text, b)[0], js["aFirst"])[0] == apply(apply(text, a)[0], js["bAfter"])[0]
+        assert js["applied"] == apply(text, a)[0] and js["changes"] == op_to_changes(a)
+        assert js["back"] == a
+        assert js["composed"] == compose(a, js["bAfter"])              # and the same composing
