@@ -809,7 +809,8 @@ def suggest(code: str, cursor: int, language: str = "python") -> dict:
     prefix, before = code[start:cursor], code[code.rfind("\n", 0, start) + 1:start]
     if language != "python":
         found = [(w, "word", None, 0) for w in _words(code, start, cursor)]
-    elif m := re.match(r"\s*from\s+([\w.]+)\s+import\s+\(?[\w\s,]*$", before):
+    elif m := re.search(r"(?:^|\n)\s*from\s+([\w.]+)\s+import\s+(?:\([\w\s,]*|[\w \t,]*)$",
+                        code[max(0, start - 2000):start]):  # also in the lines of an `import (...)`
         found = [(n, k, d, 0) for n, (k, d) in _module_members(m.group(1)).items()]
     elif m := re.match(r"\s*(?:import|from)\s+([\w.]+)\.$", before):
         found = [(n, k, d, 0) for n, (k, d) in _module_members(m.group(1)).items() if k == "import"]
@@ -824,6 +825,7 @@ def suggest(code: str, cursor: int, language: str = "python") -> dict:
         parse = _parse_near(code, start)
         found = _keyword_args(parse, code, start) + _names(parse) \
             + [(b, "builtin", None, 6 if b in _COMMON else 8) for b in dir(builtins) if not b.startswith("_")] \
+            + [(d, "global", "every module has it", 7) for d in ("__name__", "__file__", "__doc__")] \
             + [(k, "keyword", None, 9) for k in keyword.kwlist] \
             + [(w, "word", None, 12) for w in _words(code, start, cursor)]  # what no parse bound
     return {"suggestions": _rank(found, prefix, code, start, cursor), "from": start, "to": cursor}

@@ -1642,3 +1642,8 @@ def test_the_page_and_the_server_transform_alike():
         assert js["applied"] == apply(text, a)[0] and js["changes"] == op_to_changes(a)
         assert js["back"] == a
         assert js["composed"] == compose(a, js["bAfter"])              # and the same composing
+
+
+def test_names_of_a_parenthesized_import_and_a_modules_own_dunders():
+    assert "OrderedDict" in labels("from collections import (\n    Counter,\n    Or|")
+    assert labels("if __na|")[0] == "__name__"
