@@ -4,12 +4,15 @@ Two or twenty people open the same room, type in the same file at the same
 time and see each other's edits, cursors and runs. The server is the single
 authority over each room's text: every update is rebased over the updates it
 did not see, so no keystroke is lost and every screen ends with the same text.
-The contract it serves (REST routes, WebSocket messages, offsets in UTF-16
-code units, error shapes) is SPEC.md.
+Code runs in sandboxed, pre-started interpreters; autocomplete reads the code's
+scopes with `ast`; rooms can be kept in SQLite or PostgreSQL. The contract it
+serves (REST routes, WebSocket messages, offsets in UTF-16 code units, error
+shapes) is SPEC.md; the demo page is static/index.html.
 
 Run it::
 
     python pairserver.py --port 8765          # prints its URL and admin token
+    python pairserver.py --host 0.0.0.0 --db rooms.db   # a class on the LAN, kept across restarts
 
 Embed it::
 
