@@ -721,12 +721,17 @@ class PostgresStore:
             await self.pool.close()
 
 
-async def _write_behind(rooms: Rooms, store: SqliteStore | PostgresStore, ttl: float) -> None:
-    """Each second, write the rooms changed since the last write; each minute,
-    let go of rooms idle for longer than ttl."""
+async def _write_behind(rooms: Rooms, store: SqliteStore | PostgresStore, ttl: float,
+                        stop: asyncio.Event) -> None:
+    """Each second until stop is set, write the rooms changed since the last
+    write; each minute, let go of rooms idle for longer than ttl. (Stopped
+    between writes, never cancelled inside one, whose thread would go on.)"""
     failing = False
     for tick in itertools.count():
-        await asyncio.sleep(1)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1)
+        if stop.is_set():
+            return
         if ttl and tick % 60 == 0:
             rooms.expire(ttl)
         failing = await _flush(rooms, store, failing)
@@ -1887,9 +1892,11 @@ async def _storage_lifetime(app: web.Application):
         else SqliteStore(config.db)
     rooms.restore(await store.load())
     rooms.dirty.clear()
-    writer = asyncio.get_running_loop().create_task(_write_behind(rooms, store, config.room_ttl))
+    stop = asyncio.Event()
+    writer = asyncio.get_running_loop().create_task(_write_behind(rooms, store, config.room_ttl, stop))
     yield
-    writer.cancel()
+    stop.set()
+    await writer
     for _ in range(3):  # the sockets are closed by now: this is the last word
         if not await _flush(rooms, store):
             break
