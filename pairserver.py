@@ -460,12 +460,17 @@ class Room:
     def __repr__(self) -> str:
         return f"<Room {self.id} {self.language} v{self.version} clients={len(self.clients)}>"
 
+    def _since(self, version: int) -> list[tuple[Op, list[str]]]:
+        """The history entries of the updates after version; Stale if it is older than the history."""
+        behind = self.version - version
+        if behind > len(self.history):
+            raise Stale(version)
+        return list(self.history)[len(self.history) - behind:]
+
     def text_at(self, version: int) -> str:
         """The text as it was at a version still in the history."""
-        text, back = self.text, self.version - version
-        if not 0 <= back <= len(self.history):
-            raise Stale(version)
-        for op, deleted in list(self.history)[len(self.history) - back:][::-1]:
+        text = self.text
+        for op, deleted in reversed(self._since(version)):
             text = apply(text, invert(op, deleted))[0]
         return text
 
@@ -477,9 +482,7 @@ class Room:
         version = self.version if version is None else version
         if version > self.version or version < 0:
             raise PairError("bad_version", f"version {version} is not one of this room's (now {self.version})")
-        if self.version - version > len(self.history):
-            raise Stale(version)
-        missed = [op for op, _ in list(self.history)[len(self.history) - (self.version - version):]]
+        missed = [op for op, _ in self._since(version)]
         if code is not None:
             if missed and len(self.text) * len(missed) > 50_000_000:  # rebuilding the old text is too dear
                 raise Stale(version)
@@ -606,10 +609,14 @@ class Rooms:
         for room in self:
             if not room.clients and (now - datetime.fromisoformat(room.updated_at.replace("Z", "+00:00"))
                                      ).total_seconds() > ttl:
-                del self._rooms[room.id]
-                self.dirty.discard(room.id)
-                self.gone.add(room.id)
+                self._forget(room.id)
                 log.info("room %s expired", room.id)
+
+    def _forget(self, room_id: str) -> Room | None:
+        """Remove a room from memory, and from the store at its next write."""
+        self.dirty.discard(room_id)
+        self.gone.add(room_id)
+        return self._rooms.pop(room_id, None)
 
     def get(self, room_id: str) -> Room | None:
         """The room with this id, or None."""
@@ -617,11 +624,9 @@ class Rooms:
 
     async def delete(self, room_id: str) -> bool:
         """Remove a room and close its sockets with 4404; False if unknown."""
-        room = self._rooms.pop(room_id, None)
+        room = self._forget(room_id)
         if room is None:
             return False
-        self.dirty.discard(room_id)
-        self.gone.add(room_id)
         await _close_all(room.clients.values(), CLOSE_NO_ROOM, b"room deleted")
         log.info("room %s deleted", room_id)
         return True
