@@ -33,14 +33,12 @@ import contextlib
 import dataclasses
 import functools
 import hmac
-import importlib.util
 import itertools
 import json
 import keyword
 import logging
 import math
 import os
-import pkgutil
 import re
 import resource
 import secrets
@@ -95,7 +93,9 @@ class Config:
     sandbox: str = _option("auto", "isolate runs with bwrap: auto (when installed), bwrap (required), none")
     python: str = _option("", "Python interpreter for runs (default: the one running the server)")
     max_runs: int = _option(os.cpu_count() or 2, "runs at once; more wait in a short queue")
-    max_queue: int = _option(16, "runs waiting for a slot before 429 Too Many Requests")
+    max_queue: int = _option(64, "runs waiting for a slot, in all, before 429 Too Many Requests")
+    max_queue_per_source: int = _option(
+        2, "runs one room or one REST client address may have waiting before it alone gets 429")
     pool: int = _option(2, "interpreters per language started ahead, waiting for code")
     timeout: float = _option(5.0, "seconds a run may take when it asks for no timeout")
     max_timeout: float = _option(30.0, "largest timeout a run may ask for, in seconds")
@@ -111,6 +111,18 @@ class Config:
 
 #: Most changes in one update; and work a rebase may take, past which an update gets resync.
 MAX_CHANGES = 10_000
+
+#: Autocomplete reads at most these characters and lines before and after the
+#: cursor, so that a request costs a bounded time however long the text.
+SUGGEST_BEFORE, SUGGEST_AFTER = (64_000, 2_000), (16_000, 500)
+#: CPU seconds it may spend parsing for one request, the cursor's block first;
+#: blocks not reached are parsed by later requests, into the cache.
+SUGGEST_PARSE_SECONDS = 0.025
+#: Memory for parsed blocks and for learned modules' names, in bytes. A parsed
+#: block is weighed at AST_BYTES_PER_CHAR of its text: what `x\n` * n takes.
+PARSE_CACHE_BYTES, MODULE_CACHE_BYTES, AST_BYTES_PER_CHAR = 48 << 20, 16 << 20, 400
+#: Seconds the sandbox may take to import a module and list its names.
+LEARN_TIMEOUT = 5.0
 
 #: The SPEC's close codes.
 CLOSE_REPLACED, CLOSE_BAD_CLIENT, CLOSE_NO_ROOM, CLOSE_FULL = 4000, 4400, 4404, 4429
@@ -813,35 +825,80 @@ class _Parse:
         return {n.name: n for n in self.statements(self.tree) if isinstance(n, ast.ClassDef)}
 
 
-def suggest(code: str, cursor: int, language: str = "python") -> dict:
+def suggest(code: str, cursor: int, language: str = "python",
+            modules: Callable[[str], dict] = lambda name: {}) -> dict:
     """The SPEC's autocomplete answer for a cursor (a str index into code):
-    {"suggestions", "from", "to"} with str indexes."""
+    {"suggestions", "from", "to"} with str indexes. Reads only the lines
+    within SUGGEST_BEFORE / SUGGEST_AFTER of the cursor, so that its work is
+    bounded however long the text; `modules(name)` gives a standard-library
+    module's names (see ModuleNames)."""
+    lo = max(0, cursor - SUGGEST_BEFORE[0])
+    lo = (code.find("\n", lo, cursor) + 1 or lo) if lo else 0
+    lo = cursor - len("\n".join(code[lo:cursor].split("\n")[-SUGGEST_BEFORE[1]:]))
+    hi = cursor + SUGGEST_AFTER[0]
+    hi = max(code.rfind("\n", cursor, hi), cursor) if hi < len(code) else len(code)
+    hi = cursor + len("\n".join(code[cursor:hi].split("\n")[:SUGGEST_AFTER[1]]))
+    answer = _suggest(code[lo:hi], cursor - lo, language, modules, code.count("\n", 0, lo))
+    return {"suggestions": answer[0], "from": answer[1] + lo, "to": cursor}
+
+
+def _suggest(code: str, cursor: int, language: str, modules: Callable[[str], dict],
+             line0: int) -> tuple[list[dict], int]:
+    """suggest() within its window, whose first line is line `line0` of the text."""
     start = cursor
-    while start and (code[start - 1].isalnum() or code[start - 1] == "_"):
+    while start > cursor - 100 and start and (code[start - 1].isalnum() or code[start - 1] == "_"):
         start -= 1
-    prefix, before = code[start:cursor], code[code.rfind("\n", 0, start) + 1:start]
+    prefix, line_start = code[start:cursor], code.rfind("\n", 0, start) + 1
+    before = code[max(line_start, start - 300):start]
+    whole = line_start >= start - 300  # `before` holds the line's start, so ^ means it
     if language != "python":
         found = [(w, "word", None, 0) for w in _words(code, start, cursor)]
-    elif m := re.search(r"(?:^|\n)\s*from\s+([\w.]+)\s+import\s+(?:\([\w\s,]*|[\w \t,]*)$",
-                        code[max(0, start - 2000):start]):  # also in the lines of an `import (...)`
-        found = [(n, k, d, 0) for n, (k, d) in _module_members(m.group(1)).items()]
-    elif m := re.match(r"\s*(?:import|from)\s+([\w.]+)\.$", before):
-        found = [(n, k, d, 0) for n, (k, d) in _module_members(m.group(1)).items() if k == "import"]
-    elif re.match(r"\s*(import|from)\s+([\w.]+\s*,\s*)*$", before):
+    elif (module := _from_import(code, start, before)) is not None:
+        found = [(n, k, d, 0) for n, (k, d) in modules(module).items()]
+    elif whole and (m := re.fullmatch(r"\s*(?:import|from)\s+([\w.]+)\.", before)):
+        found = [(n, k, d, 0) for n, (k, d) in modules(m.group(1)).items() if k == "import"]
+    elif whole and re.fullmatch(r"\s*(import|from)\s+([\w.]+\s*,\s*)*", before):
         found = [(n, "import", "module", 0) for n in sys.stdlib_module_names if not n.startswith("_")]
-    elif m := re.search(r"([A-Za-z_][\w.]*|[\]})'\"])\s*\.\s*$", before):
-        members = _attributes(_parse_near(code, start), m.group(1))  # then what objects often have
-        found = members + [(w, "attribute", None, 12 if members else 6)
+    elif owner := _owner(before):
+        members = _attributes(_parse_near(code, start, line0), owner, modules)
+        found = members + [(w, "attribute", None, 12 if members else 6)  # then what objects have
                            for w in _attribute_words(code, start, cursor)] \
             + [(n, "method", None, 13 if members else 7) for n in _TYPE_METHODS]
     else:
-        parse = _parse_near(code, start)
+        parse = _parse_near(code, start, line0)
         found = _keyword_args(parse, code, start) + _names(parse) \
             + [(b, "builtin", None, 6 if b in _COMMON else 8) for b in dir(builtins) if not b.startswith("_")] \
             + [(d, "global", "every module has it", 7) for d in ("__name__", "__file__", "__doc__")] \
             + [(k, "keyword", None, 9) for k in keyword.kwlist] \
             + [(w, "word", None, 12) for w in _words(code, start, cursor)]  # what no parse bound
-    return {"suggestions": _rank(found, prefix, code, start, cursor), "from": start, "to": cursor}
+    return _rank(found, prefix, code, start, cursor), start
+
+
+def _from_import(code: str, start: int, before: str) -> str | None:
+    """The module of a `from m import a, b` being typed at start, also in the
+    lines of a parenthesized one; None elsewhere. (Each pattern is matched
+    against one line, anchored, so it stays linear and cannot reach across lines.)"""
+    if m := re.fullmatch(r"\s*from\s+([\w.]+)\s+import\s+[\w \t,]*", before):
+        return m.group(1)
+    opening = code.rfind("(", max(0, start - 2000), start)
+    if opening < 0 or not re.fullmatch(r"[\w\s,]*", code[opening + 1:start]):
+        return None
+    line = code[code.rfind("\n", 0, opening) + 1:opening]
+    m = re.fullmatch(r"\s*from\s+([\w.]+)\s+import\s*", line)
+    return m and m.group(1)
+
+
+def _owner(before: str) -> str | None:
+    """What stands before a `.` that ends the line so far: a dotted name, or a
+    closing bracket or quote; None if it is no such `.`. (Scanned from the
+    end: a regex searching forward would be quadratic in the line's length.)"""
+    text = before.rstrip()
+    if not text.endswith("."):
+        return None
+    text = text[:-1].rstrip()
+    if text[-1:] in (")", "]", "}", "'", '"'):
+        return text[-1]
+    return re.match(r"[\w.]*", text[::-1]).group()[::-1].lstrip("0123456789.") or None
 
 
 def _rank(found: list[Suggestion], prefix: str, code: str, start: int, cursor: int) -> list[dict]:
@@ -902,21 +959,25 @@ def _attribute_words(code: str, start: int, cursor: int) -> list[str]:
             if not keyword.iskeyword(w)]
 
 
-def _parse_near(code: str, start: int) -> _Parse:
+def _parse_near(code: str, start: int, line0: int = 0) -> _Parse:
     """Parse the text top-level block by top-level block, each on its own so
     that a broken one costs only itself, and each but the cursor's from a
     cache, since between two keystrokes only that one changes. The cursor's
-    is repaired so that the word at the cursor is a name in its innermost scope."""
-    lines = code.split("\n")
-    row = code.count("\n", 0, start)
-    body, names = [], {}
-    for first, end in zip(tops := _blocks(lines), tops[1:] + [len(lines)]):
-        if first <= row < end:
-            block, col = _parse_cursor_block(lines, first, row, end, start - (code.rfind("\n", 0, start) + 1))
-            bound, at = _bindings(ast.Module(body=block, type_ignores=[]), first), first
-            cursor_block = block
+    is repaired so that the word at the cursor is a name in its innermost
+    scope. Parsing stops after SUGGEST_PARSE_SECONDS of CPU; the blocks it
+    did not reach this time are left out of the names."""
+    lines, deadline = code.split("\n"), time.thread_time() + SUGGEST_PARSE_SECONDS
+    row, body, names = code.count("\n", 0, start), [], {}
+    blocks = list(zip(tops := _blocks(lines), tops[1:] + [len(lines)]))
+    at = max(first for first, _ in blocks if first <= row)
+    cursor_block, col = _parse_cursor_block(lines, at, row, dict(blocks)[at],
+                                            start - (code.rfind("\n", 0, start) + 1), deadline)
+    for first, end in blocks:
+        if first == at:
+            block = cursor_block
+            bound = _bindings(ast.Module(body=block, type_ignores=[]), line0 + at)
         else:
-            block, bound = _parse_block(first, "\n".join(lines[first:end]))
+            block, bound = _parse_block(line0 + first, "\n".join(lines[first:end]), deadline)
         body += block
         names.update(bound)
     return _Parse(ast.Module(body=cursor_block, type_ignores=[]), row - at, col, body, names)
@@ -937,31 +998,64 @@ def _blocks(lines: list[str]) -> list[int]:
     return starts
 
 
-@functools.lru_cache(maxsize=4096)
-def _parse_block(first: int, text: str) -> tuple[list[ast.stmt], dict]:
+class _Memo:
+    """A dict that forgets its least recently used entries past `limit` bytes,
+    as weighed by whoever puts them in."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.size, self.items = limit, 0, collections.OrderedDict()
+
+    def get(self, key: Any) -> Any:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key][0]
+        return None
+
+    def put(self, key: Any, value: Any, weight: int) -> None:
+        if key in self.items:
+            self.size -= self.items.pop(key)[1]
+        self.items[key], self.size = (value, weight), self.size + weight
+        while self.size > self.limit:
+            self.size -= self.items.popitem(last=False)[1][1]
+
+
+_PARSED = _Memo(PARSE_CACHE_BYTES)  # a pure memo, so shared by the apps of a process
+
+
+def _parse_block(first: int, text: str, deadline: float) -> tuple[list[ast.stmt], dict]:
     """The statements of one top-level block starting at line `first`, mended
     line by line where it does not parse ([] where that fails), and the names
-    they bind."""
-    body = _mend(text, -1)[0] or []
-    return body, _bindings(ast.Module(body=body, type_ignores=[]), first)
+    they bind; ([], {}) uncached once past the deadline."""
+    if (known := _PARSED.get((first, text))) is not None:
+        return known
+    if time.thread_time() > deadline:
+        return [], {}
+    body, bad = _mend(text, -1, deadline)
+    if bad == -2:
+        return [], {}
+    parsed = body or [], _bindings(ast.Module(body=body or [], type_ignores=[]), first)
+    _PARSED.put((first, text), parsed, AST_BYTES_PER_CHAR * len(text) + 1000)
+    return parsed
 
 
-def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: int) -> tuple[list, int]:
+def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: int,
+                        deadline: float) -> tuple[list, int]:
     """The cursor's block, with its line cut at the cursor: first keeping the
     rest of the line, then with open brackets closed, then just the name, then `pass`."""
     head, tail = lines[row][:col], re.sub(r"^\w*", "", lines[row][col:])
-    closers = []
+    closers = []  # a stack: the last opened is closed first
     for ch in re.sub(r"'[^']*'|\"[^\"]*\"|#.*", "", head):
         if ch in _PAIRS:
-            closers.insert(0, _PAIRS[ch])
-        elif closers and ch == closers[0]:
-            closers.pop(0)
+            closers.append(_PAIRS[ch])
+        elif closers and ch == closers[-1]:
+            closers.pop()
     indent = re.match(r"\s*", lines[row]).group()
-    variants = [(head + "__cursor__" + "".join(closers), col), (indent + "__cursor__", len(indent)),
-                (indent + "pass", len(indent))]
+    variants = [(head + "__cursor__" + "".join(reversed(closers)), col),
+                (indent + "__cursor__", len(indent)), (indent + "pass", len(indent))]
     for line, at in [(head + "__cursor__" + tail, col)] * bool(tail.strip()) + variants:
         for stop in (end, row + 1):  # then without the block's lines after the cursor
-            body, bad = _mend("\n".join(lines[first:row] + [line] + lines[row + 1:stop]), row - first)
+            text = "\n".join(lines[first:row] + [line] + lines[row + 1:stop])
+            body, bad = _mend(text, row - first, deadline)
             if body is not None:
                 return body, at
             if bad <= row - first:  # the cursor's line itself: the lines after it are not to blame
@@ -969,13 +1063,15 @@ def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: i
     return [], 0
 
 
-def _mend(text: str, keep: int) -> tuple[list[ast.stmt] | None, int]:
+def _mend(text: str, keep: int, deadline: float) -> tuple[list[ast.stmt] | None, int]:
     """Parse a block's text, mending each line that breaks it (a missing colon
     added, else the line made `pass`, then blank); line `keep` only by a colon.
     Returns the statements (lines counted from the block's first), or None and
-    the line it gave up on."""
+    the line it gave up on (-2: the deadline, in thread CPU time, passed)."""
     lines, patched, bad = text.split("\n"), set(), -1
-    for _ in range(8):
+    for attempt in range(8):
+        if attempt and time.thread_time() > deadline:
+            return None, -2
         try:
             return ast.parse("\n".join(lines)).body, -1
         except SyntaxError as e:
@@ -1098,7 +1194,7 @@ def _keyword_args(parse: _Parse, code: str, start: int) -> list[Suggestion]:
     return [(f"{a.arg}=", "param", f"param of {name}", 0) for a in named if a.arg not in ("self", "cls")]
 
 
-def _attributes(parse: _Parse, owner: str) -> list[Suggestion]:
+def _attributes(parse: _Parse, owner: str, modules: Callable[[str], dict]) -> list[Suggestion]:
     """What follows `owner.`: a class's members (self: the enclosing class's),
     or an imported standard-library module's public names."""
     classes, chain = parse.classes(), parse.scopes()
@@ -1113,7 +1209,7 @@ def _attributes(parse: _Parse, owner: str) -> list[Suggestion]:
                 for alias in node.names:
                     if (alias.asname or alias.name) == owner:
                         module = alias.name if isinstance(node, ast.Import) else f"{node.module}.{alias.name}"
-                        return [(n, k, d, 0) for n, (k, d) in _module_members(module).items()]
+                        return [(n, k, d, 0) for n, (k, d) in modules(module).items()]
     return []
 
 
@@ -1131,29 +1227,84 @@ def _members(cls: ast.ClassDef, classes: dict[str, ast.ClassDef], seen: int = 0)
     return found
 
 
-@functools.lru_cache(maxsize=256)
-def _module_members(name: str) -> dict[str, tuple[str, str | None]]:
-    """The public names of a standard-library module: from its source where it
-    has one (never running it), else by importing it (a built-in or C module).
-    Empty for anything outside the standard library."""
+class Unlearned(Exception):
+    """Raised by ModuleNames for a module whose names are not known yet."""
+
+
+#: Run in the sandbox to learn a module's names: what `import` made, with signatures.
+_LEARN = r'''import importlib, inspect, json, pkgutil, sys
+sys.stdout, out = sys.stderr, {}  # what the module prints as it is imported goes to stderr
+module = importlib.import_module(sys.stdin.read())
+for name, value in vars(module).items():
+    kind = "import" if inspect.ismodule(value) else "class" if isinstance(value, type) \
+        else "function" if callable(value) else "attribute"
     try:
-        spec = importlib.util.find_spec(name) if name.split(".")[0] in sys.stdlib_module_names else None
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None:
-        return {}
-    if not (spec.origin or "").endswith(".py"):
-        return {n: ("class" if isinstance(v, type) else "function" if callable(v) else "attribute", None)
-                for n, v in vars(importlib.import_module(name)).items() if not n.startswith("_")}
-    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8", errors="replace"))
-    found = {n: (k if k in ("function", "class") else "attribute", d) for n, (k, d) in _bindings(tree).items()
-             if not n.startswith("_")}
-    for node in ast.walk(tree):  # from posix import *, as os does
-        if isinstance(node, ast.ImportFrom) and node.names[0].name == "*" and node.module:
-            found = {**_module_members(node.module), **found}
-    for sub in pkgutil.iter_modules(spec.submodule_search_locations or []):
-        found.setdefault(sub.name, ("import", f"module {name}.{sub.name}"))
-    return found
+        detail = f"def {name}{inspect.signature(value)}"[:100] if kind == "function" else None
+    except (TypeError, ValueError):
+        detail = None
+    if not name.startswith("_"):
+        out[name] = (kind, detail)
+for sub in pkgutil.iter_modules(getattr(module, "__path__", None) or []):
+    if not sub.name.startswith("_"):
+        out.setdefault(sub.name, ("import", f"module {module.__name__}.{sub.name}"))
+print(json.dumps(out), file=sys.__stdout__)
+'''
+_MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z")
+
+
+class ModuleNames:
+    """The public names of standard-library modules, learned by importing each
+    one in the sandbox, once, never in the server: importing runs a module's
+    code (`lib2to3.__main__` exits, `antigravity` opens a browser), and C
+    modules and names made at import (`hashlib.md5`) are known no other way.
+
+    suggest() calls it; a module not learned yet raises Unlearned, and the
+    caller awaits learn() and asks again."""
+
+    def __init__(self, run: Callable[[str, str], Any]) -> None:
+        self._run = run  #: run(code, stdin) -> a run's result, as Runner.run gives
+        self._known = _Memo(MODULE_CACHE_BYTES)
+        self._learning: dict[str, asyncio.Future] = {}
+
+    def __call__(self, name: str) -> dict[str, tuple[str, str | None]]:
+        """{name: (kind, detail)} of module `name`; {} for anything outside the standard library."""
+        parent, _, child = name.rpartition(".")
+        if not _MODULE.match(name) or (self(parent).get(child, ("",))[0] != "import" if parent
+                                       else name not in sys.stdlib_module_names):
+            return {}  # only modules that their parent package lists: a bounded set
+        known = self._known.get(name)
+        if known is None:
+            raise Unlearned(name)
+        return known
+
+    async def learn(self, name: str) -> None:
+        """Learn a module's names; those asking for the same module at once share one run."""
+        if name not in self._learning:
+            self._learning[name] = asyncio.ensure_future(self._learn(name))
+        await asyncio.shield(self._learning[name])
+
+    async def _learn(self, name: str) -> None:
+        try:
+            result = await self._run(_LEARN, name)
+            last = result["stdout"].rstrip().rpartition("\n")[2]
+            found = json.loads(last) if result["exitCode"] == 0 else {}
+            found = {n: tuple(v) for n, v in found.items()}
+            self._known.put(name, found, 4 * len(result["stdout"]) + 100)
+        except (PairError, ValueError):  # too busy, or no answer: asked again next time
+            pass
+        finally:
+            del self._learning[name]
+
+
+async def complete(app: web.Application, code: str, cursor: int, language: str) -> dict:
+    """suggest(), learning in the sandbox the modules it asks about first."""
+    modules = app[MODULES]
+    for _ in range(4):  # a module and the packages above it
+        try:
+            return suggest(code, cursor, language, modules)
+        except Unlearned as e:
+            await modules.learn(str(e))
+    return suggest(code, cursor, language)  # the sandbox could not tell: without module names
 
 
 # ---------------------------------------------------------------------------
@@ -1271,9 +1422,62 @@ class Output:
         return "".join(t for s, t in self.chunks if stream in (None, s))
 
 
+class Turns:
+    """Fair turns for runs: `size` at once. A freed slot goes to the waiting
+    source (a room, a REST client's address) with the fewest runs going, the
+    longest waiting among equals; a source with `per_source` runs waiting, or
+    any once `total` wait, is refused with 429, so one source cannot lock
+    the others out."""
+
+    def __init__(self, size: int, per_source: int, total: int) -> None:
+        self.free, self.per_source, self.total = size, per_source, total
+        self.running: collections.Counter = collections.Counter()
+        self.waiting: dict[str, deque[tuple[int, asyncio.Future]]] = {}
+        self._tickets = itertools.count()
+
+    @property
+    def queued(self) -> int:
+        return sum(map(len, self.waiting.values()))
+
+    async def take(self, source: str) -> None:
+        """Wait for a slot for source; raises PairError (429) when it may not wait."""
+        if self.free and not self.waiting:
+            self.free -= 1
+            self.running[source] += 1
+            return
+        if len(self.waiting.get(source, ())) >= self.per_source or self.queued >= self.total:
+            raise PairError("too_busy", "too many runs waiting; try again shortly", 429)
+        turn = (next(self._tickets), asyncio.get_running_loop().create_future())
+        self.waiting.setdefault(source, deque()).append(turn)
+        try:
+            await turn[1]
+        except asyncio.CancelledError:
+            if turn[1].cancelled():  # still waiting: leave the queue
+                self.waiting[source].remove(turn)
+                self.waiting[source] or self.waiting.pop(source)
+            else:  # given a slot just now: pass it on
+                self.give_back(source)
+            raise
+
+    def give_back(self, source: str) -> None:
+        """Free source's slot for the fairest waiter."""
+        self.running[source] -= 1
+        if not self.running[source]:
+            del self.running[source]
+        if not self.waiting:
+            self.free += 1
+            return
+        fairest = min(self.waiting, key=lambda s: (self.running[s], self.waiting[s][0][0]))
+        queue = self.waiting[fairest]
+        queue.popleft()[1].set_result(None)
+        queue or self.waiting.pop(fairest)
+        self.running[fairest] += 1
+
+
 class Runner:
-    """Runs code in sandboxed interpreters: at most max_runs at once, a short
-    queue, then 429. Pure asyncio, so the event loop never waits on a run."""
+    """Runs code in sandboxed interpreters: at most max_runs at once, taking
+    turns fairly (Turns), then 429. Pure asyncio, so the event loop never
+    waits on a run."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -1286,8 +1490,7 @@ class Runner:
         if node := shutil.which("node"):
             node = os.path.realpath(node)
             self.languages["javascript"] = Language("javascript", node, [node, "-e", _JS_BOOT])
-        self._slots = asyncio.Semaphore(config.max_runs)
-        self._waiting = 0
+        self.turns = Turns(config.max_runs, config.max_queue_per_source, config.max_queue)
         self._pool: dict[str, deque[_Process]] = {name: deque() for name in self.languages}
         self._live: set[_Process] = set()
         self._cgroup_base: list[Path] = []
@@ -1342,22 +1545,17 @@ class Runner:
 
     async def run(self, language: str, code: str, stdin: str = "", timeout: float = 5.0,
                   on_output: Callable[[str, str], None] | None = None,
-                  cancel: asyncio.Event | None = None) -> dict:
-        """Run code and return the SPEC's result; on_output sees each chunk as it comes."""
+                  cancel: asyncio.Event | None = None, source: str = "") -> dict:
+        """Run code and return the SPEC's result; on_output sees each chunk as
+        it comes. `source` names who asks, for fair turns."""
         if language not in self.languages:
             raise PairError("unsupported_language", f"cannot run {language!r} here; "
                             f"can run: {', '.join(self.languages)}")
-        if self._slots.locked() and self._waiting >= self.config.max_queue:
-            raise PairError("too_busy", "too many runs at once; try again shortly", 429)
-        self._waiting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self._waiting -= 1
+        await self.turns.take(source)
         try:
             return await self._run(self._take(language), code, stdin, timeout, on_output, cancel)
         finally:
-            self._slots.release()
+            self.turns.give_back(source)
             # Refill only now: a new process joining its cgroup (v1) stalls every
             # fork and exit on the machine for an RCU grace period, this run's too.
             self._refill(language)
@@ -1552,6 +1750,7 @@ ROOMS = web.AppKey("rooms", Rooms)
 CONFIG = web.AppKey("config", Config)
 STARTED = web.AppKey("started", float)
 RUNNER = web.AppKey("runner", Runner)
+MODULES = web.AppKey("modules", ModuleNames)
 
 
 def error_response(status: int, code: str, message: str, **headers: str) -> web.Response:
@@ -1633,11 +1832,11 @@ async def autocomplete(request: web.Request) -> web.Response:
     cursor, units = _get(body, "cursorPosition", int), to_units(code)
     if len(units) > request.app[CONFIG].max_code:
         raise PairError("too_large", f"code exceeds {request.app[CONFIG].max_code} UTF-16 code units", 413)
+    if _LONE.search(units):
+        raise PairError("bad_request", "code holds half of a surrogate pair")
     if not 0 <= cursor <= len(units) or splits_pair(units, cursor):
         raise PairError("bad_request", f"cursorPosition {cursor} is outside the text or inside a character")
-    args = (code, len(from_units(units[:cursor])), language)
-    # A big text takes long to parse the first time: parse it beside the event loop.
-    answer = suggest(*args) if len(code) < 50_000 else await asyncio.to_thread(suggest, *args)
+    answer = await complete(request.app, code, len(from_units(units[:cursor])), language)
     span = len(to_units(code[:answer["from"]]))  # back to UTF-16 units
     return web.json_response({**answer, "from": span, "to": cursor})
 
@@ -1652,7 +1851,8 @@ async def execute(request: web.Request) -> web.Response:
     if not (math.isfinite(timeout) and timeout > 0):
         raise PairError("bad_request", "'timeout' must be a positive number of seconds")
     result = await request.app[RUNNER].run(_get(body, "language", str, "python"), code, stdin,
-                                           min(timeout, config.max_timeout))
+                                           min(timeout, config.max_timeout),
+                                           source=request.remote or "")
     return web.json_response(result)
 
 
@@ -1851,7 +2051,7 @@ async def _run_in_room(app: web.Application, room: Room, client: Client, stdin: 
 
     try:
         result = await app[RUNNER].run(room.language, room.code, stdin, app[CONFIG].timeout,
-                                       on_output, room.cancel)
+                                       on_output, room.cancel, source=f"room {room.id}")
         flush()
         _broadcast(room, _message("execution_result", clientId=client.id, **result))
     except PairError as e:
@@ -1921,7 +2121,9 @@ def create_app(**options: Any) -> web.Application:
     config.db = config.db or os.environ.get("PAIRSERVER_DB", "")
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_message)
     app[CONFIG], app[ROOMS], app[STARTED] = config, Rooms(config), time.monotonic()
-    app[RUNNER] = Runner(config)
+    app[RUNNER] = runner = Runner(config)
+    app[MODULES] = ModuleNames(lambda code, stdin: runner.run("python", code, stdin, LEARN_TIMEOUT,
+                                                              source="autocomplete"))
     app.on_shutdown.append(_close_sockets)
     app.cleanup_ctx.append(_storage_lifetime)
     app.cleanup_ctx.append(_runner_lifetime)

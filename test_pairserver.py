@@ -5,6 +5,7 @@ real HTTP and WebSocket clients against create_app(), and a real server
 process where a test needs signals."""
 
 import asyncio
+import io
 import json
 import os
 import random
@@ -1118,22 +1119,82 @@ class Box(Base):
     assert labels(code).index("items") < labels(code).index("size")  # its own class before its base
 
 
-def test_standard_library_module_attributes_and_from_imports():
-    assert labels("import os\nos.getc|")[0] == "getcwd"  # os takes these from posix by a star import
-    assert "join" in labels("import os.path as osp\nosp.j|")
-    assert ("loads", "function") in complete("import json\njson.lo|")
-    assert {"OrderedDict", "defaultdict", "Counter"} <= set(labels("from collections import |"))
-    assert "sqrt" in labels("import math\nmath.sq|")  # a C module
-    assert "etree" in labels("import xml.|")
-    assert "json" in labels("import js|")
+async def suggested(server, code: str) -> list[str]:
+    """The labels POST /autocomplete suggests where the | is."""
+    resp = await server.post("/autocomplete", json={"code": code.replace("|", "", 1),
+                                                    "cursorPosition": code.index("|")})
+    assert resp.status == 200, await resp.text()
+    return [s["label"] for s in (await resp.json())["suggestions"]]
 
 
-def test_no_code_outside_the_standard_library_is_imported_or_run(tmp_path, monkeypatch):
+async def test_standard_library_module_names_are_learned_in_the_sandbox(server):
+    assert (await suggested(server, "import os\nos.getc|"))[0] == "getcwd"
+    assert "join" in await suggested(server, "import os.path as osp\nosp.j|")
+    assert "loads" in await suggested(server, "import json\njson.lo|")
+    assert "md5" in await suggested(server, "import hashlib\nhashlib.m|")  # made as hashlib is imported
+    assert {"OrderedDict", "defaultdict", "Counter"} <= set(await suggested(server, "from collections import |"))
+    assert "deque" in await suggested(server, "from collections import (\n    Counter,\n    de|")
+    assert "sqrt" in await suggested(server, "import math\nmath.sq|")  # a C module
+    assert "etree" in await suggested(server, "import xml.|")
+    assert "json" in await suggested(server, "import js|")
+
+
+async def test_nothing_outside_the_standard_library_is_looked_at(server, tmp_path, monkeypatch):
     (tmp_path / "evil_module_xyz.py").write_text("raise SystemExit('imported!')\nSECRET = 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert "SECRET" not in labels("import evil_module_xyz\nevil_module_xyz.S|")
-    assert "SECRET" not in labels("from evil_module_xyz import |")
+    assert "SECRET" not in await suggested(server, "import evil_module_xyz\nevil_module_xyz.S|")
+    assert "SECRET" not in await suggested(server, "from evil_module_xyz import |")
     assert "evil_module_xyz" not in sys.modules
+
+
+async def test_completing_imports_never_runs_a_module_in_the_server():
+    server = await Server.start()
+    hostile = ["from unittest.__main__.x import ", "from this.x import ", "import this\nthis.",
+               "import antigravity\nantigravity.", "from lib2to3.__main__.x import "]
+    try:
+        async with aiohttp.ClientSession(server.url) as http:
+            for code in hostile:
+                resp = await http.post("/autocomplete", json={"code": code, "cursorPosition": len(code)})
+                assert resp.status == 200, code
+            assert (await http.get("/health")).status == 200
+    finally:
+        assert await server.stop() == 0
+    printed = (await server.proc.stdout.read()).decode() + "".join(server.log)
+    assert "Beautiful is better" not in printed  # this.py's poem, printed where it is imported
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def rss_mib(pid: int) -> float:
+    """A process's resident memory, in MiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) / 1024
+
+
+async def test_hostile_texts_to_complete_neither_stall_nor_bloat_the_server():
+    server = await Server.start()
+    hostile = ["a" * 52_000, "x = " + "a" * 999_000 + " .", "(" * 999_000, "x\n" * 499_000, "a." * 499_000,
+               "from os import (" + "a,\n" * 330_000, '"""' + "\n" * 999_000, "f(" * 400_000 + "\n" * 10]
+    big = ["".join(f"def f{i}_{n}(a, b):\n    return a + b * {n}\n" for n in range(16_000)) for i in range(6)]
+    try:
+        async with aiohttp.ClientSession(server.url) as http:
+            before = rss_mib(server.proc.pid)
+            for code in hostile + big:
+                for cursor in (len(code), len(code) // 2):
+                    started = time.monotonic()
+                    body = io.BytesIO(json.dumps({"code": code, "cursorPosition": cursor}).encode())
+                    resp = await http.post("/autocomplete", data=body, headers=JSON)
+                    assert resp.status == 200 and time.monotonic() - started < 2, code[:20]
+            grown = rss_mib(server.proc.pid) - before
+            assert grown < 200, f"the server grew by {grown:.0f} MiB"  # caches are bounded by bytes
+            assert (await http.get("/health")).status == 200
+    finally:
+        assert await server.stop() == 0
+
+
+def test_a_word_on_the_line_after_a_from_import_gets_names():
+    assert complete("from os import path\npa|")[0] == ("path", "import")  # not os's names: a new line
 
 
 def test_keyword_parameters_inside_a_call():
@@ -1644,6 +1705,5 @@ def test_the_page_and_the_server_transform_alike():
         assert js["composed"] == compose(a, js["bAfter"])              # and the same composing
 
 
-def test_names_of_a_parenthesized_import_and_a_modules_own_dunders():
-    assert "OrderedDict" in labels("from collections import (\n    Counter,\n    Or|")
+def test_a_modules_own_dunders():
     assert labels("if __na|")[0] == "__name__"
