@@ -194,7 +194,8 @@ def collab(args: argparse.Namespace) -> None:
     print(f"collab: {args.rooms} rooms x {args.clients} clients x {args.rate} edits/s, "
           f"{args.seconds:g} s measured after 2 s warm-up")
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as stack:
-        servers = {"relay": [], "pairserver": ["--max-rooms", "5000", "--pool", "0"]}
+        servers = {"relay": [], "pairserver": ["--max-rooms", "5000", "--pool", "0",
+                                               "--rooms-per-minute", "0"]}  # one address makes them all
         for db in args.db or []:
             where = str(Path(scratch, "rooms.db")) if db == "sqlite" else \
                 stack.enter_context(postgres_server()) if db == "postgres" else db
@@ -307,8 +308,8 @@ def execute(args: argparse.Namespace) -> None:
     cold = cold_starts(args.runs)
     figures = {}
     for name, flags in (("pooled", []), ("no pool", ["--pool", "0"])):
-        port = free_port()
-        proc = start("pairserver", port, *flags)
+        port = free_port()  # the clients share one address: let each of them have a run waiting
+        proc = start("pairserver", port, *flags, "--max-queue-per-source", "8")
         try:
             figures[name] = asyncio.run(round_trips(port, args.runs))
             if name == "pooled":

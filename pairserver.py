@@ -90,6 +90,10 @@ class Config:
                           "(default: $PAIRSERVER_DB, else memory only)")
     room_ttl: float = _option(7 * 86400.0, "seconds after which a room nobody is in or changes is removed; "
                                             "0 keeps rooms forever")
+    unused_room_ttl: float = _option(
+        3600.0, "seconds after which a room made by POST /rooms that nobody joined is removed")
+    rooms_per_minute: float = _option(
+        30.0, "rooms one client address may make per minute, in bursts of up to 10; 0: no limit")
     sandbox: str = _option("auto", "isolate runs with bwrap: auto (when installed), bwrap (required), none")
     python: str = _option("", "Python interpreter for runs (default: the one running the server)")
     max_runs: int = _option(os.cpu_count() or 2, "runs at once; more wait in a short queue")
@@ -124,6 +128,9 @@ PARSE_CACHE_BYTES, MODULE_CACHE_BYTES, AST_BYTES_PER_CHAR = 48 << 20, 16 << 20, 
 #: Seconds the sandbox may take to import a module and list its names.
 LEARN_TIMEOUT = 5.0
 
+#: Rooms one client address may make at once before --rooms-per-minute paces it.
+ROOM_BURST = 10
+
 #: The SPEC's close codes.
 CLOSE_REPLACED, CLOSE_BAD_CLIENT, CLOSE_NO_ROOM, CLOSE_FULL = 4000, 4400, 4404, 4429
 
@@ -146,9 +153,9 @@ class PairError(Exception):
     """A refusal with a machine-readable code; HTTP answers it with `status`,
     a WebSocket with an `error` message."""
 
-    def __init__(self, code: str, message: str, status: int = 400) -> None:
+    def __init__(self, code: str, message: str, status: int = 400, retry_after: int = 60) -> None:
         super().__init__(message)
-        self.code, self.message, self.status = code, message, status
+        self.code, self.message, self.status, self.retry_after = code, message, status, retry_after
 
 
 _REQUIRED = object()
@@ -461,6 +468,7 @@ class Room:
     clients: dict[str, Client] = field(default_factory=dict)
     execution: dict = field(default_factory=lambda: {"running": False, "clientId": None})
     cancel: asyncio.Event | None = None  #: set to stop the room's run
+    unused: bool = False               #: made by POST /rooms and never joined yet
     created_at: str = field(default_factory=_now)
     updated_at: str = field(default_factory=_now)
 
@@ -615,12 +623,13 @@ class Rooms:
                                         self.config.history, created_at=created_at, updated_at=updated_at)
         log.info("%d rooms restored", len(rows))
 
-    def expire(self, ttl: float) -> None:
-        """Let go of rooms nobody is in and nobody changed for ttl seconds."""
+    def expire(self, ttl: float, unused_ttl: float) -> None:
+        """Let go of rooms nobody is in and nobody changed for ttl seconds, and
+        of unused ones (made over HTTP, never joined) after unused_ttl; 0: never."""
         now = datetime.now(timezone.utc)
         for room in self:
-            if not room.clients and (now - datetime.fromisoformat(room.updated_at.replace("Z", "+00:00"))
-                                     ).total_seconds() > ttl:
+            idle = (now - datetime.fromisoformat(room.updated_at.replace("Z", "+00:00"))).total_seconds()
+            if not room.clients and (0 < ttl < idle or room.unused and 0 < unused_ttl < idle):
                 self._forget(room.id)
                 log.info("room %s expired", room.id)
 
@@ -738,19 +747,14 @@ class PostgresStore:
             await self.pool.close()
 
 
-async def _write_behind(rooms: Rooms, store: SqliteStore | PostgresStore, ttl: float,
-                        stop: asyncio.Event) -> None:
+async def _write_behind(rooms: Rooms, store: SqliteStore | PostgresStore, stop: asyncio.Event) -> None:
     """Each second until stop is set, write the rooms changed since the last
-    write; each minute, let go of rooms idle for longer than ttl. (Stopped
-    between writes, never cancelled inside one, whose thread would go on.)"""
+    write. (Stopped between writes, never cancelled inside one, whose thread
+    would go on.)"""
     failing = False
-    for tick in itertools.count():
+    while not stop.is_set():
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), 1)
-        if stop.is_set():
-            return
-        if ttl and tick % 60 == 0:
-            rooms.expire(ttl)
         failing = await _flush(rooms, store, failing)
 
 
@@ -1425,14 +1429,15 @@ class Output:
 class Turns:
     """Fair turns for runs: `size` at once. A freed slot goes to the waiting
     source (a room, a REST client's address) with the fewest runs going, the
-    longest waiting among equals; a source with `per_source` runs waiting, or
-    any once `total` wait, is refused with 429, so one source cannot lock
-    the others out."""
+    one served longest ago among equals (round robin); a source with
+    `per_source` runs waiting, or any once `total` wait, is refused with 429,
+    so one source cannot lock the others out."""
 
     def __init__(self, size: int, per_source: int, total: int) -> None:
         self.free, self.per_source, self.total = size, per_source, total
         self.running: collections.Counter = collections.Counter()
         self.waiting: dict[str, deque[tuple[int, asyncio.Future]]] = {}
+        self.served: dict[str, int] = {}  #: when each source now running or waiting last got a slot
         self._tickets = itertools.count()
 
     @property
@@ -1443,7 +1448,7 @@ class Turns:
         """Wait for a slot for source; raises PairError (429) when it may not wait."""
         if self.free and not self.waiting:
             self.free -= 1
-            self.running[source] += 1
+            self.running[source], self.served[source] = self.running[source] + 1, next(self._tickets)
             return
         if len(self.waiting.get(source, ())) >= self.per_source or self.queued >= self.total:
             raise PairError("too_busy", "too many runs waiting; try again shortly", 429)
@@ -1454,7 +1459,9 @@ class Turns:
         except asyncio.CancelledError:
             if turn[1].cancelled():  # still waiting: leave the queue
                 self.waiting[source].remove(turn)
-                self.waiting[source] or self.waiting.pop(source)
+                if not self.waiting[source]:
+                    del self.waiting[source]
+                    self.running[source] or self.served.pop(source, None)
             else:  # given a slot just now: pass it on
                 self.give_back(source)
             raise
@@ -1464,14 +1471,15 @@ class Turns:
         self.running[source] -= 1
         if not self.running[source]:
             del self.running[source]
+            source in self.waiting or self.served.pop(source, None)
         if not self.waiting:
             self.free += 1
             return
-        fairest = min(self.waiting, key=lambda s: (self.running[s], self.waiting[s][0][0]))
+        fairest = min(self.waiting, key=lambda s: (self.running[s], self.served.get(s, -1)))
         queue = self.waiting[fairest]
         queue.popleft()[1].set_result(None)
         queue or self.waiting.pop(fairest)
-        self.running[fairest] += 1
+        self.running[fairest], self.served[fairest] = self.running[fairest] + 1, next(self._tickets)
 
 
 class Runner:
@@ -1753,6 +1761,33 @@ RUNNER = web.AppKey("runner", Runner)
 MODULES = web.AppKey("modules", ModuleNames)
 
 
+class RateLimit:
+    """A token bucket per client address: `per_minute` tokens a minute, at
+    most `burst` saved up."""
+
+    def __init__(self, per_minute: float, burst: int) -> None:
+        self.rate, self.burst = per_minute / 60, burst
+        self.buckets: dict[str, tuple[float, float]] = {}  #: address -> (tokens, when counted)
+
+    def take(self, address: str) -> None:
+        """Spend a token of address's, or raise PairError (429) saying when one comes."""
+        if not self.rate:
+            return
+        now = time.monotonic()
+        tokens, then = self.buckets.get(address, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        if tokens < 1:
+            raise PairError("too_many_requests", "too many rooms made from this address; wait a "
+                            "little", 429, retry_after=math.ceil((1 - tokens) / self.rate))
+        self.buckets[address] = (tokens - 1, now)
+        if len(self.buckets) > 10_000:  # forget the addresses whose buckets are full again
+            self.buckets = {a: (t, w) for a, (t, w) in self.buckets.items()
+                            if t + (now - w) * self.rate < self.burst}
+
+
+ROOM_LIMIT = web.AppKey("room_limit", RateLimit)
+
+
 def error_response(status: int, code: str, message: str, **headers: str) -> web.Response:
     """The SPEC's error shape: {"error": {"code", "message"}}."""
     return web.json_response({"error": {"code": code, "message": message}},
@@ -1769,7 +1804,7 @@ async def error_middleware(request: web.Request, handler: Callable) -> web.Strea
     try:
         return await handler(request)
     except PairError as e:
-        headers = {"Retry-After": "60"} if e.status == 429 else {}
+        headers = {"Retry-After": str(e.retry_after)} if e.status == 429 else {}
         return error_response(e.status, e.code, e.message, **headers)
     except web.HTTPException as e:
         if e.status < 400:
@@ -1815,7 +1850,9 @@ def _require_admin(request: web.Request) -> None:
 async def create_room(request: web.Request) -> web.Response:
     """POST /rooms {language?, code?} -> 201 {roomId, language, code, version}"""
     body = await _json_body(request, optional=True)
+    request.app[ROOM_LIMIT].take(request.remote or "")
     room = request.app[ROOMS].create(_get(body, "language", str, "python"), _get(body, "code", str, ""))
+    room.unused = True
     return web.json_response({"roomId": room.id, "language": room.language, "code": room.text,
                               "version": room.version}, status=201, dumps=_dumps)
 
@@ -1927,7 +1964,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         await ws.close(code=CLOSE_FULL, message=b"room is full")
         return ws
 
-    name = request.query.get("name", "")[:64] or client_id
+    name, room.unused = request.query.get("name", "")[:64] or client_id, False
     client = Client(client_id, name, ws, request.transport, request.query.get("full") in ("1", "true"),
                     send_queue=config.send_queue)
     room.clients[client_id] = client
@@ -2095,10 +2132,9 @@ async def _storage_lifetime(app: web.Application):
         return
     store = PostgresStore(config.db) if config.db.startswith(("postgres://", "postgresql://")) \
         else SqliteStore(config.db)
-    rooms.restore(await store.load())
-    rooms.dirty.clear()
+    rooms.restore(await store.load())  # rooms an embedding script made already stay dirty: written
     stop = asyncio.Event()
-    writer = asyncio.get_running_loop().create_task(_write_behind(rooms, store, config.room_ttl, stop))
+    writer = asyncio.get_running_loop().create_task(_write_behind(rooms, store, stop))
     yield
     stop.set()
     await writer
@@ -2111,6 +2147,25 @@ async def _storage_lifetime(app: web.Application):
     await store.close()
 
 
+async def _expiry_lifetime(app: web.Application):
+    """Let go of idle and unused rooms (--room-ttl, --unused-room-ttl), kept or not."""
+    config, rooms = app[CONFIG], app[ROOMS]
+    ttls = [ttl for ttl in (config.room_ttl, config.unused_room_ttl) if ttl > 0]
+
+    async def expire() -> None:
+        while True:
+            await asyncio.sleep(min(60, *ttls) / 2)
+            rooms.expire(config.room_ttl, config.unused_room_ttl)
+            if not config.db:  # nobody writes them
+                rooms.dirty.clear(), rooms.gone.clear()
+
+    task = asyncio.get_running_loop().create_task(expire()) if ttls else None
+    yield
+    if task:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def create_app(**options: Any) -> web.Application:
     """Build the server as an aiohttp Application; `options` are Config's fields.
 
@@ -2121,12 +2176,14 @@ def create_app(**options: Any) -> web.Application:
     config.db = config.db or os.environ.get("PAIRSERVER_DB", "")
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_message)
     app[CONFIG], app[ROOMS], app[STARTED] = config, Rooms(config), time.monotonic()
+    app[ROOM_LIMIT] = RateLimit(config.rooms_per_minute, ROOM_BURST)
     app[RUNNER] = runner = Runner(config)
     app[MODULES] = ModuleNames(lambda code, stdin: runner.run("python", code, stdin, LEARN_TIMEOUT,
                                                               source="autocomplete"))
     app.on_shutdown.append(_close_sockets)
     app.cleanup_ctx.append(_storage_lifetime)
     app.cleanup_ctx.append(_runner_lifetime)
+    app.cleanup_ctx.append(_expiry_lifetime)
     routes = [
         web.post("/rooms", create_room),
         web.get("/rooms/{roomId}", get_room),

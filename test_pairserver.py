@@ -23,6 +23,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from hypothesis import given, settings, strategies as st
 
 from pairserver import (ROOMS, PairError, Room, Stale, apply, changes_to_op, compose, create_app,
@@ -40,7 +41,7 @@ HERE = Path(__file__).parent
 @pytest.fixture
 async def server(aiohttp_client):
     """A test client for a fresh app; `server.app` reaches its rooms."""
-    return await aiohttp_client(create_app(admin_token=TOKEN, heartbeat=0))
+    return await aiohttp_client(create_app(admin_token=TOKEN, heartbeat=0, rooms_per_minute=0))
 
 
 async def make_room(server, code="", language="python") -> str:
@@ -963,6 +964,23 @@ async def test_thirty_concurrent_runs_are_each_answered(aiohttp_client):
             assert body["error"]["code"] == "too_busy" and resp.headers["Retry-After"]
 
 
+async def test_one_client_flooding_runs_cannot_lock_a_room_out(aiohttp_client):
+    server = await aiohttp_client(create_app(max_runs=1, max_queue_per_source=2))
+    flood = [asyncio.ensure_future(server.post("/execute", json={"code": "import time; time.sleep(1)"}))
+             for _ in range(6)]
+    assert await until(lambda: sum(f.done() for f in flood) == 3)  # 1 running, 2 waiting, 3 refused
+    refused = [await f.result().json() for f in flood if f.done()]
+    assert all(r["error"]["code"] == "too_busy" for r in refused)
+    room = await make_room(server, "print('our turn')")
+    alice, _ = await join(server, room, "alice")
+    await alice.send_json({"type": "execute"})
+    assert (await next_run_messages(alice))[-2]["output"] == "our turn\n"
+    waiting = [f for f in flood if not f.done()]
+    assert len(waiting) == 2  # the room ran right after the flood's first run
+    assert all(r.status == 200 for r in await asyncio.gather(*waiting))
+    await alice.close()
+
+
 async def next_run_messages(ws) -> list[dict]:
     """Messages of one run, from the lock to the unlock."""
     messages = []
@@ -1473,18 +1491,49 @@ async def test_postgresql_restarted_mid_session_loses_nothing(postgres):
     assert await server.stop() == 0
 
 
-async def test_idle_rooms_expire_from_memory_and_store(aiohttp_client, tmp_path):
+@pytest.mark.parametrize("kept", [False, True])
+async def test_idle_rooms_expire_from_memory_and_store(aiohttp_client, tmp_path, kept):
     db = str(tmp_path / "rooms.db")
-    server = await aiohttp_client(create_app(db=db, room_ttl=0.5, pool=0))
+    server = await aiohttp_client(create_app(db=db if kept else "", room_ttl=0.5, pool=0))
     rooms = server.app[ROOMS]
     idle = rooms.create(code="idle")
     busy = rooms.create(code="busy")
     ws, _ = await join(server, busy.id, "alice")  # somebody is in it
-    await asyncio.sleep(0.6)  # older than the ttl
-    rooms.expire(0.5)
-    assert rooms.get(idle.id) is None and rooms.get(busy.id) is busy
-    assert await until(lambda: stored_version(db, busy.id) == 0 and stored_version(db, idle.id) == -1)
+    assert await until(lambda: rooms.get(idle.id) is None)
+    assert rooms.get(busy.id) is busy
+    if kept:
+        assert await until(lambda: stored_version(db, busy.id) == 0 and stored_version(db, idle.id) == -1)
     await ws.close()
+
+
+async def test_rooms_made_over_http_and_never_joined_expire_sooner(aiohttp_client):
+    server = await aiohttp_client(create_app(unused_room_ttl=0.5, pool=0, rooms_per_minute=0))
+    unused, joined = await make_room(server), await make_room(server)
+    ws, _ = await join(server, joined, "alice")
+    await ws.close()
+    made_by_script = server.app[ROOMS].create(code="for the class")
+    assert await until(lambda: server.app[ROOMS].get(unused) is None)
+    assert server.app[ROOMS].get(joined) and server.app[ROOMS].get(made_by_script.id)
+
+
+async def test_one_address_may_make_only_so_many_rooms(aiohttp_client):
+    server = await aiohttp_client(create_app(rooms_per_minute=30, pool=0))
+    statuses = [(await server.post("/rooms")).status for _ in range(12)]
+    assert statuses == [201] * 10 + [429] * 2  # a burst of 10, then one each 2 s
+    resp = await server.post("/rooms")
+    assert resp.status == 429 and 1 <= int(resp.headers["Retry-After"]) <= 2
+    assert (await resp.json())["error"]["code"] == "too_many_requests"
+    assert len(server.app[ROOMS]) == 10
+
+
+async def test_rooms_an_embedding_script_makes_before_start_are_kept(tmp_path):
+    db = str(tmp_path / "rooms.db")
+    app = create_app(db=db, pool=0)
+    room = app[ROOMS].create(code="# team red\n")
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await runner.cleanup()
+    assert stored_version(db, room.id) == 0
 
 
 # ---------------------------------------------------------------------------
