@@ -31,8 +31,10 @@ import codecs
 import collections
 import contextlib
 import dataclasses
+import errno
 import functools
 import hmac
+import ipaddress
 import itertools
 import json
 import keyword
@@ -44,6 +46,7 @@ import resource
 import secrets
 import shutil
 import signal
+import socket
 import sqlite3
 import struct
 import sys
@@ -54,6 +57,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import aiohttp_cors
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -76,8 +80,17 @@ class Config:
 
     admin_token: str = _option(
         "", "bearer token for /admin (default: $PAIRSERVER_ADMIN_TOKEN, else random, printed at start)")
+    host: str = _option("127.0.0.1", "address to listen on; 0.0.0.0 for every network "
+                                      "(default: 127.0.0.1, this machine only)")
     cors_origin: tuple[str, ...] = _option(
-        ("*",), "origin allowed to call the API from a browser; repeat for several")
+        (), "another origin whose pages may call the API (* for any); repeat for several "
+            "(default: only the server's own pages)")
+    allow_host: tuple[str, ...] = _option(
+        (), "a Host name to answer besides localhost when listening on loopback, such as a "
+            "proxy's; repeat for several (default: none)")
+    max_connections_per_address: int = _option(500, "open connections one client address may have")
+    header_timeout: float = _option(
+        10.0, "seconds a connection may take to send a request's headers, or stay idle between requests")
     max_code: int = _option(1_000_000, "largest room text, in UTF-16 code units")
     max_message: int = _option(4 << 20, "largest WebSocket message or request body, in bytes")
     max_rooms: int = _option(1000, "most rooms at once")
@@ -132,7 +145,7 @@ LEARN_TIMEOUT = 5.0
 ROOM_BURST = 10
 
 #: The SPEC's close codes.
-CLOSE_REPLACED, CLOSE_BAD_CLIENT, CLOSE_NO_ROOM, CLOSE_FULL = 4000, 4400, 4404, 4429
+CLOSE_REPLACED, CLOSE_BAD_CLIENT, CLOSE_NO_ROOM, CLOSE_FULL, CLOSE_FORBIDDEN = 4000, 4400, 4404, 4429, 4403
 
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 _LANGUAGE = re.compile(r"[a-z0-9+#_-]{1,32}\Z")
@@ -1562,6 +1575,9 @@ class Runner:
         await self.turns.take(source)
         try:
             return await self._run(self._take(language), code, stdin, timeout, on_output, cancel)
+        except OSError as e:  # out of descriptors or processes: not the code's fault
+            raise PairError("cannot_run", f"the server cannot start a run now ({e.strerror}); "
+                            "try again shortly", 503) from None
         finally:
             self.turns.give_back(source)
             # Refill only now: a new process joining its cgroup (v1) stalls every
@@ -1794,8 +1810,9 @@ def error_response(status: int, code: str, message: str, **headers: str) -> web.
                              status=status, headers=headers)
 
 
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-               413: "too_large", 429: "too_busy"}
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type",
+               429: "too_busy"}
 
 
 @web.middleware
@@ -1817,6 +1834,51 @@ async def error_middleware(request: web.Request, handler: Callable) -> web.Strea
     except Exception:
         log.exception("unexpected error answering %s %s", request.method, request.path)
         return error_response(500, "internal", "the server failed; the error is logged")
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether an address or host name is this machine's loopback (localhost, 127.x, ::1)."""
+    try:
+        ip = ipaddress.ip_address(address.strip("[]").split("%")[0])
+    except ValueError:
+        return address.lower() == "localhost"
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+@web.middleware
+async def guard_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """Who may call (SPEC): a request that came to a loopback address must
+    name a loopback host (a DNS-rebound page names its own); a browser page
+    must be the server's own or of a --cors-origin; a POST body must be JSON,
+    which no foreign page can send without a CORS preflight."""
+    config, local = request.app[CONFIG], request.transport and request.transport.get_extra_info("sockname")
+    host = urlsplit("//" + request.host).hostname or ""
+    if isinstance(local, tuple) and _is_loopback(local[0]) and not (
+            _is_loopback(host) or host in config.allow_host):
+        raise PairError("forbidden_host", f"this server answers to localhost, not to {host!r}; "
+                        "start it with --allow-host NAME to answer to that name", 403)
+    if not _origin_allowed(request) and request.headers.get("Upgrade", "").lower() != "websocket":
+        raise PairError("forbidden_origin", "pages from this origin may not call this server "
+                        "(see --cors-origin)", 403)
+    if request.method == "POST" and request.body_exists and request.content_type != "application/json":
+        raise PairError("unsupported_media_type", "send the body as Content-Type: application/json", 415)
+    return await handler(request)
+
+
+def _origin_allowed(request: web.Request) -> bool:
+    """No Origin (a script), the server's own pages, or a --cors-origin's."""
+    origin, allowed = request.headers.get("Origin"), request.app[CONFIG].cors_origin
+    return origin is None or "*" in allowed or origin in allowed \
+        or urlsplit(origin).netloc.lower() == request.host.lower()
+
+
+def _require_isolation(app: web.Application) -> None:
+    """Runs are served beyond loopback only when isolated, or when --sandbox none says so."""
+    config = app[CONFIG]
+    if not app[RUNNER].bwrap and config.sandbox != "none" and not _is_loopback(config.host):
+        raise PairError("runs_not_isolated", "this server cannot isolate runs (no working bwrap), so "
+                        "it runs code only when it listens on localhost; install bubblewrap, or "
+                        "start it with --sandbox none to run code unisolated for everyone", 403)
 
 
 async def _json_body(request: web.Request, optional: bool = False) -> dict:
@@ -1880,6 +1942,7 @@ async def autocomplete(request: web.Request) -> web.Response:
 
 async def execute(request: web.Request) -> web.Response:
     """POST /execute {code, language?, stdin?, timeout?} -> the run's result."""
+    _require_isolation(request.app)
     config, body = request.app[CONFIG], await _json_body(request)
     code, stdin = _get(body, "code", str), _get(body, "stdin", str, "")
     if max(len(code.encode("utf-8", "replace")), len(stdin.encode("utf-8", "replace"))) > config.max_source:
@@ -1953,6 +2016,9 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                                compress=False)  # per-socket compression would undo encode-once
     await ws.prepare(request)  # accept first, then close with a code a browser can see
     room = rooms.get(room_id)
+    if not _origin_allowed(request):
+        await ws.close(code=CLOSE_FORBIDDEN, message=b"pages from this origin may not join")
+        return ws
     if not _CLIENT_ID.match(client_id):
         await ws.close(code=CLOSE_BAD_CLIENT, message=b"clientId: 1-64 of A-Z a-z 0-9 _ . -")
         return ws
@@ -2054,6 +2120,7 @@ def _on_language(room: Room, client: Client, msg: dict, app: web.Application) ->
 
 def _on_execute(room: Room, client: Client, msg: dict, app: web.Application) -> None:
     stdin = _get(msg, "stdin", str, "")
+    _require_isolation(app)
     if room.execution["running"]:
         raise PairError("execution_locked", f"{room.execution['clientId']} is running the code")
     room.execution = {"running": True, "clientId": client.id}
@@ -2174,7 +2241,8 @@ def create_app(**options: Any) -> web.Application:
     config.admin_token = config.admin_token or os.environ.get("PAIRSERVER_ADMIN_TOKEN") \
         or secrets.token_urlsafe(24)
     config.db = config.db or os.environ.get("PAIRSERVER_DB", "")
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_message)
+    app = web.Application(middlewares=[error_middleware, guard_middleware],
+                          client_max_size=config.max_message)
     app[CONFIG], app[ROOMS], app[STARTED] = config, Rooms(config), time.monotonic()
     app[ROOM_LIMIT] = RateLimit(config.rooms_per_minute, ROOM_BURST)
     app[RUNNER] = runner = Runner(config)
@@ -2209,10 +2277,8 @@ def create_app(**options: Any) -> web.Application:
 # ---------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    """Flags for --host, --port, --log-level and every Config field."""
+    """Flags for --port, --log-level and every Config field."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on; 0.0.0.0 for every network (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8765, help="port to listen on (default: 8765)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="what to log (default: INFO: rooms, joins, leaves, refusals; never code)")
@@ -2230,23 +2296,110 @@ def main(argv: list[str] | None = None) -> None:
     """Run the server from the command line until SIGINT or SIGTERM."""
     parser = _parser()
     args = vars(parser.parse_args(argv))
-    host, port = args.pop("host"), args.pop("port")
+    port = args.pop("port")
     logging.basicConfig(level=args.pop("log_level"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token_made_up = not (args["admin_token"] or os.environ.get("PAIRSERVER_ADMIN_TOKEN"))
     try:
         app = create_app(**{k: v for k, v in args.items() if v is not None})
     except ValueError as e:
         parser.error(str(e))
-
-    def banner(_: str) -> None:  # run_app calls this once it listens
-        shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
-        kept = f"rooms kept in {app[CONFIG].db}" if app[CONFIG].db else "rooms in memory: they end with the process"
-        print(f"pairserver on http://{shown}:{port}/  ({kept})\n"
-              f"admin token: {app[CONFIG].admin_token}", flush=True)
-
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):  # a socket each: take all the system allows
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20), hard))
     try:
-        web.run_app(app, host=host, port=port, print=banner, access_log=None, shutdown_timeout=5)
+        asyncio.run(_serve(app, port, token_made_up))
     except (RuntimeError, OSError) as e:  # bwrap unusable, port taken
         sys.exit(f"pairserver: {e}")
+
+
+async def _serve(app: web.Application, port: int, show_token: bool) -> None:
+    """Serve app until SIGINT or SIGTERM, with a deadline for request headers
+    and a cap on each address's connections, so that half-open connections
+    cannot use up the descriptors."""
+    config, loop = app[CONFIG], asyncio.get_running_loop()
+    loop.set_exception_handler(_once_per_episode(loop.get_exception_handler()))
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5,
+                           keepalive_timeout=config.header_timeout)  # also closes unfinished headers
+    try:
+        await runner.setup()
+        _cap_connections(runner.server, config.max_connections_per_address)
+        await web.TCPSite(runner, config.host, port).start()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        print(_banner(app, port, show_token), flush=True)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _banner(app: web.Application, port: int, show_token: bool) -> str:
+    """What the server says at start: where to open it, where rooms are kept,
+    whether runs are isolated, and the admin token if it made one up."""
+    config, isolated = app[CONFIG], bool(app[RUNNER].bwrap)
+    host = _lan_address() if config.host in ("0.0.0.0", "::", "") else \
+        "localhost" if _is_loopback(config.host) else config.host
+    kept = f"rooms kept in {config.db}" if config.db else "rooms in memory: they end with the process"
+    runs = "runs are isolated (bwrap sandbox)" if isolated else \
+        "WARNING: runs are NOT isolated: code run here can read this machine's files and use its network" \
+        if config.sandbox == "none" else "runs are NOT isolated (no working bwrap: apt-get install " \
+        "bubblewrap)" + ("; so they are refused to other machines" if not _is_loopback(config.host) else "")
+    lines = [f"pairserver on http://{host}:{port}/  ({kept})", runs]
+    return "\n".join(lines + [f"admin token: {config.admin_token}"] * show_token)
+
+
+def _lan_address() -> str:
+    """This machine's address on its network, for people to open. (Connecting
+    a UDP socket only picks a route: no packet is sent.)"""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))
+        return s.getsockname()[0]
+    return "localhost"
+
+
+def _cap_connections(server: web.Server, cap: int) -> None:
+    """Close a new connection at once when its address has `cap` open already."""
+    made, lost = server.connection_made, server.connection_lost
+    peers: dict[Any, str] = {}
+    count: collections.Counter = collections.Counter()
+
+    def connection_made(handler: web.RequestHandler, transport: asyncio.Transport) -> None:
+        peers[handler] = peer = (transport.get_extra_info("peername") or ("",))[0]
+        count[peer] += 1
+        made(handler, transport)
+        if count[peer] > cap:
+            transport.abort()
+
+    def connection_lost(handler: web.RequestHandler, exc: BaseException | None = None) -> None:
+        peer = peers.pop(handler, None)
+        count[peer] -= 1
+        if count[peer] <= 0:
+            del count[peer]
+        lost(handler, exc)
+
+    server.connection_made, server.connection_lost = connection_made, connection_lost
+
+
+def _once_per_episode(previous: Callable | None) -> Callable:
+    """An event-loop exception handler that logs running out of descriptors
+    (a failed accept, each one with a traceback) once per episode: until a
+    minute passes without it."""
+    last = [-math.inf]
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        e = context.get("exception")
+        if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            if time.monotonic() - last[0] > 60:
+                log.error("out of file descriptors or buffers (%s): new connections wait until "
+                          "some close; said once until a minute passes without it", e)
+            last[0] = time.monotonic()
+            return
+        if previous:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    return handler
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ HERE = Path(__file__).parent
 # Helpers: a room, a client in it, the next message of a kind
 # ---------------------------------------------------------------------------
 
+JSON = {"Content-Type": "application/json"}
+
+
 @pytest.fixture
 async def server(aiohttp_client):
     """A test client for a fresh app; `server.app` reaches its rooms."""
@@ -296,7 +299,7 @@ async def test_create_room_without_body_and_ids_are_unguessable(server):
     (b"\xff\xfe", 400, "bad_json"),
 ])
 async def test_create_room_refuses_bad_bodies(server, body, status, code):
-    resp = await server.post("/rooms", data=body)
+    resp = await server.post("/rooms", data=body, headers={"Content-Type": "application/json"})
     assert resp.status == status
     assert (await resp.json())["error"]["code"] == code
 
@@ -364,6 +367,59 @@ async def test_cors_lets_a_browser_page_call_the_api(aiohttp_client):
     assert resp.headers["Access-Control-Allow-Origin"] == "https://class.example"
     resp = await server.get("/health", headers={"Origin": "https://elsewhere.example"})
     assert "Access-Control-Allow-Origin" not in resp.headers
+
+
+async def test_a_foreign_page_can_neither_call_the_api_nor_join_a_room(aiohttp_client):
+    server = await aiohttp_client(create_app(pool=0, rooms_per_minute=0))
+    own, evil = {"Origin": f"http://127.0.0.1:{server.port}"}, {"Origin": "https://evil.example"}
+    resp = await server.post("/rooms", json={"code": "x = 1"}, headers=own)  # the demo page
+    assert resp.status == 201
+    room = (await resp.json())["roomId"]
+    for resp in [await server.post("/rooms", json={}, headers=evil),
+                 await server.post("/execute", json={"code": "print(1)"}, headers=evil),
+                 await server.get(f"/rooms/{room}", headers=evil),
+                 await server.options("/execute", headers={**evil, "Access-Control-Request-Method": "POST"})]:
+        assert resp.status == 403 and (await resp.json())["error"]["code"] == "forbidden_origin"
+    ws = await server.ws_connect(f"/ws/{room}/mallory", headers=evil)
+    assert (await ws.receive(timeout=5)).type is aiohttp.WSMsgType.CLOSE and ws.close_code == 4403
+    assert not server.app[ROOMS].get(room).clients
+    ws, init = await join(server, room, "alice")  # a script: no Origin
+    assert init["code"] == "x = 1"
+    await ws.close()
+
+
+@pytest.mark.parametrize("path, body, content_type", [
+    ("/execute", b'{"code": "print(1)"}', "text/plain"),  # what a page may send with no preflight
+    ("/rooms", b"code=1", "application/x-www-form-urlencoded"),
+    ("/autocomplete", b'{"code": "", "cursorPosition": 0}', "multipart/form-data; boundary=x"),
+])
+async def test_post_bodies_must_be_json(server, path, body, content_type):
+    resp = await server.post(path, data=body, headers={"Content-Type": content_type})
+    assert resp.status == 415 and (await resp.json())["error"]["code"] == "unsupported_media_type"
+
+
+async def test_on_loopback_only_loopback_host_names_are_answered(aiohttp_client):
+    server = await aiohttp_client(create_app(pool=0, allow_host=("pair.example",)))
+    for host in ("localhost:8765", "127.0.0.1", "[::1]:80", "LocalHost", "pair.example"):
+        assert (await server.get("/health", headers={"Host": host})).status == 200, host
+    for host in ("evil.example", "evil.example:8765", "127.0.0.1.evil.example", "192.168.1.5"):
+        resp = await server.get("/health", headers={"Host": host})  # a DNS-rebound page's name
+        assert resp.status == 403 and (await resp.json())["error"]["code"] == "forbidden_host"
+
+
+async def test_unisolated_runs_are_refused_beyond_loopback_unless_asked_for(aiohttp_client, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no bwrap
+    server = await aiohttp_client(create_app(host="0.0.0.0", pool=0, rooms_per_minute=0))
+    assert (await (await server.get("/languages")).json())["sandbox"] == "rlimits"
+    resp = await server.post("/execute", json={"code": "print(1)"})
+    assert resp.status == 403 and (await resp.json())["error"]["code"] == "runs_not_isolated"
+    room, alice, bob = await two_in_room(server, "print(1)")
+    await alice.send_json({"type": "execute"})
+    assert "bubblewrap" in (await expect_error(alice, "runs_not_isolated"))["message"]
+    for ws in (alice, bob):
+        await ws.close()
+    server = await aiohttp_client(create_app(host="0.0.0.0", pool=0, sandbox="none"))
+    assert (await run(server, "print(1)"))["output"] == "1\n"  # asked for: runs, unisolated
 
 
 async def test_python_api_for_embedding_scripts(aiohttp_client):
@@ -677,7 +733,7 @@ async def test_a_slow_reader_is_dropped_and_does_not_delay_the_others(aiohttp_cl
     loop = asyncio.get_running_loop()
     await loop.sock_connect(sock, (server.host, server.port))
     await loop.sock_sendall(sock, (
-        f"GET /ws/{room}/slow?full=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        f"GET /ws/{room}/slow?full=1 HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
         "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
         "Sec-WebSocket-Version: 13\r\n\r\n").encode())
     assert b"101" in await loop.sock_recv(sock, 12)
@@ -726,6 +782,7 @@ async def test_sigterm_closes_sockets_with_1001_and_exits_cleanly(tmp_path):
     try:
         banner = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
         assert f"http://localhost:{port}/" in banner
+        assert "runs are" in (await asyncio.wait_for(proc.stdout.readline(), 5)).decode()
         token = (await asyncio.wait_for(proc.stdout.readline(), 5)).decode().split(": ")[1].strip()
         assert len(token) >= 16
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
@@ -744,6 +801,22 @@ async def test_sigterm_closes_sockets_with_1001_and_exits_cleanly(tmp_path):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_the_banner_says_where_to_open_it_and_whether_runs_are_isolated():
+    env = {**os.environ, "PATH": "/nonexistent"}  # no bwrap
+    for flags, runs in [(["--host", "0.0.0.0"], "NOT isolated (no working bwrap"),
+                        (["--host", "0.0.0.0", "--sandbox", "none"], "WARNING: runs are NOT isolated")]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(HERE / "pairserver.py"), "--port", str(free_port()), "--pool", "0",
+            "--admin-token", "given-by-the-instructor", *flags, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        first = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
+        assert "http://localhost" not in first  # the address other machines can open
+        assert runs in (await asyncio.wait_for(proc.stdout.readline(), 5)).decode()
+        proc.send_signal(signal.SIGTERM)
+        assert "given-by-the-instructor" not in (await proc.stdout.read()).decode()
+        assert await proc.wait() == 0
 
 
 # ---------------------------------------------------------------------------
@@ -940,7 +1013,7 @@ async def test_execute_refuses_code_or_stdin_over_the_size_limit(aiohttp_client)
 
 
 async def test_execute_refuses_a_non_finite_timeout(server):
-    resp = await server.post("/execute", data=b'{"code": "1", "timeout": 1e999}')
+    resp = await server.post("/execute", data=b'{"code": "1", "timeout": 1e999}', headers=JSON)
     assert resp.status == 400 and (await resp.json())["error"]["code"] == "bad_request"
 
 
@@ -1179,9 +1252,6 @@ async def test_completing_imports_never_runs_a_module_in_the_server():
         assert await server.stop() == 0
     printed = (await server.proc.stdout.read()).decode() + "".join(server.log)
     assert "Beautiful is better" not in printed  # this.py's poem, printed where it is imported
-
-
-JSON = {"Content-Type": "application/json"}
 
 
 def rss_mib(pid: int) -> float:
