@@ -1689,7 +1689,11 @@ class Runner:
 
 
 def _limit_child(config: Config, cgroups: list[Path]) -> None:
-    """In the child, before exec: resource limits, a lower priority, the cgroup."""
+    """In the child, before exec: the cgroup, resource limits, a lower priority.
+    (The cgroup first: the child holds the server's descriptors until exec,
+    so under the run's RLIMIT_NOFILE it could open no file.)"""
+    for group in cgroups:
+        (group / "cgroup.procs").write_text(str(os.getpid()))
     cpu = int(config.max_timeout) + 1
     for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_DATA, config.max_memory),
                          (resource.RLIMIT_FSIZE, config.max_file), (resource.RLIMIT_NOFILE, 256),
@@ -1698,8 +1702,6 @@ def _limit_child(config: Config, cgroups: list[Path]) -> None:
     if not cgroups and os.getuid() != 0:  # per-uid and shared, so only as a last resort
         resource.setrlimit(resource.RLIMIT_NPROC, (config.max_procs * 8,) * 2)
     os.nice(5)
-    for group in cgroups:
-        (group / "cgroup.procs").write_text(str(os.getpid()))
 
 
 def _make_cgroup_base() -> list[Path]:
@@ -2367,8 +2369,8 @@ def _cap_connections(server: web.Server, cap: int) -> None:
         peers[handler] = peer = (transport.get_extra_info("peername") or ("",))[0]
         count[peer] += 1
         made(handler, transport)
-        if count[peer] > cap:
-            transport.abort()
+        if count[peer] > cap:  # once the handler's task has started, or it fails to start
+            asyncio.get_running_loop().call_later(0, transport.abort)
 
     def connection_lost(handler: web.RequestHandler, exc: BaseException | None = None) -> None:
         peer = peers.pop(handler, None)

@@ -5,6 +5,7 @@ real HTTP and WebSocket clients against create_app(), and a real server
 process where a test needs signals."""
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -819,6 +820,38 @@ async def test_the_banner_says_where_to_open_it_and_whether_runs_are_isolated():
         assert await proc.wait() == 0
 
 
+async def test_half_open_connections_cannot_starve_the_server():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))  # ours: 1,100 sockets
+    server = await Server.start("--header-timeout", "2", "--max-connections-per-address", "300",
+                                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024)))
+    loop, half_open = asyncio.get_running_loop(), []
+    try:
+        for _ in range(1100):  # headers that never finish, from 127.0.0.1
+            sock = socket.socket()
+            sock.setblocking(False)
+            half_open.append(sock)
+            with contextlib.suppress(ConnectionError):
+                await loop.sock_connect(sock, ("127.0.0.1", server.port))
+                await loop.sock_sendall(sock, b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
+        other = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))  # another address
+        async with aiohttp.ClientSession(server.url, connector=other) as http:
+            assert (await http.get("/health", timeout=aiohttp.ClientTimeout(total=5))).status == 200
+            resp = await http.post("/execute", json={"code": "print('still here')"})
+            assert (await resp.json()).get("output") == "still here\n", await resp.text()
+
+        async def closed_by_the_server(sock) -> bool:
+            with contextlib.suppress(ConnectionError):
+                return await asyncio.wait_for(loop.sock_recv(sock, 1), 10) == b""
+            return True
+        assert all(await asyncio.gather(*map(closed_by_the_server, half_open)))
+    finally:
+        for sock in half_open:
+            sock.close()
+        assert await server.stop() == 0
+    assert len(server.log) < 50 and not any("Traceback" in line for line in server.log)
+
+
 # ---------------------------------------------------------------------------
 # Running code: POST /execute, GET /languages, and runs in a room
 # ---------------------------------------------------------------------------
@@ -1359,11 +1392,11 @@ class Server:
         self.log: list[str] = []
 
     @classmethod
-    async def start(cls, *args, port=None):
+    async def start(cls, *args, port=None, preexec_fn=None):
         port = port or free_port()
         proc = await asyncio.create_subprocess_exec(
             sys.executable, str(HERE / "pairserver.py"), "--port", str(port), "--pool", "0", *args,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=preexec_fn)
         server = cls(proc, port)
         line = await asyncio.wait_for(proc.stdout.readline(), 20)
         assert b"pairserver on" in line, (line, await proc.stderr.read())
