@@ -1506,6 +1506,7 @@ class Runner:
         if config.sandbox == "bwrap" and not bwrap:
             raise ValueError("--sandbox bwrap: bwrap is not installed (apt-get install bubblewrap)")
         self.bwrap = bwrap if config.sandbox != "none" else None
+        self.seccomp = _seccomp_filter()  #: the program bwrap loads, if any
         python = os.path.realpath(config.python or sys.executable)
         self.languages = {"python": Language("python", python, [python, "-I", "-u", "-c", _PY_BOOT])}
         if node := shutil.which("node"):
@@ -1524,15 +1525,13 @@ class Runner:
     async def start(self) -> None:
         """Find a writable cgroup, check that bwrap works here, fill the pools."""
         self._cgroup_base = _make_cgroup_base()
-        if self.bwrap:
-            probe = _Process()
-            await self._spawn(probe, [self.languages["python"].executable, "-c", "pass"])
-            await probe.exited
-            if probe.transport.get_returncode() != 0:
-                if self.config.sandbox == "bwrap":
-                    raise RuntimeError("--sandbox bwrap: bwrap cannot create a sandbox on this machine")
-                self.bwrap = None
-            self._discard(probe)
+        if self.bwrap and not await self._works() and not (self.seccomp and await self._works(False)):
+            if self.config.sandbox == "bwrap":
+                raise RuntimeError("--sandbox bwrap: bwrap cannot create a sandbox on this machine")
+            self.bwrap = None
+        if self.bwrap and not self.seccomp:
+            log.warning("runs are isolated, but their socket families are not filtered (no seccomp "
+                        "filter for %s, or it would not load): AF_VSOCK may reach the host", _MACHINE)
         if not self.bwrap:
             log.warning("runs are NOT isolated from this machine (no working bwrap): only resource "
                         "limits and the process-tree kill hold. apt-get install bubblewrap to isolate them.")
@@ -1540,6 +1539,15 @@ class Runner:
         for name in self.languages:
             for _ in range(self.config.pool):
                 self._refill(name)
+
+    async def _works(self, seccomp: bool = True) -> bool:
+        """Whether the sandbox starts here (with the seccomp filter, or without it from now on)."""
+        self.seccomp = self.seccomp if seccomp else None
+        probe = _Process()
+        await self._spawn(probe, [self.languages["python"].executable, "-c", "pass"])
+        await probe.exited
+        self._discard(probe)
+        return probe.transport.get_returncode() == 0
 
     async def stop(self) -> None:
         """Kill every run and pooled interpreter; remove their cgroups."""
@@ -1638,19 +1646,30 @@ class Runner:
         self._live.add(proc)
         proc.cgroups = _make_cgroup(self._cgroup_base, f"run{self._count}", self.config)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/work"}
+        fds: tuple[int, ...] = ()
+        if self.bwrap and self.seccomp:  # bwrap reads the filter from a pipe
+            read, write = os.pipe()
+            os.write(write, self.seccomp)
+            os.close(write)
+            fds = (read,)
         if self.bwrap:
-            argv = self.sandboxed(argv)
+            argv = self.sandboxed(argv, *fds)
         else:
             proc.workdir = tempfile.mkdtemp(prefix="pairserver-run-")
             env["HOME"] = proc.workdir
         loop = asyncio.get_running_loop()
-        await loop.subprocess_exec(
-            lambda: proc, *argv, cwd=proc.workdir, env=env, start_new_session=True,
-            preexec_fn=functools.partial(_limit_child, self.config, proc.cgroups))
+        try:
+            await loop.subprocess_exec(
+                lambda: proc, *argv, cwd=proc.workdir, env=env, start_new_session=True, pass_fds=fds,
+                preexec_fn=functools.partial(_limit_child, self.config, proc.cgroups))
+        finally:
+            for fd in fds:
+                os.close(fd)
 
-    def sandboxed(self, argv: list[str]) -> list[str]:
+    def sandboxed(self, argv: list[str], seccomp_fd: int | None = None) -> list[str]:
         """argv inside bwrap: no network, no host files but the interpreter's,
-        a private /work and /tmp, its own pids, as an unprivileged user."""
+        a private /work and /tmp, its own pids, as an unprivileged user, and
+        the seccomp filter read from seccomp_fd."""
         executable = argv[0]
         args = [self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
                 "--uid", "65534", "--gid", "65534", "--ro-bind", "/usr", "/usr", "--proc", "/proc",
@@ -1664,7 +1683,7 @@ class Runner:
         prefix = os.path.dirname(os.path.dirname(executable))
         if not prefix.startswith("/usr"):
             args += ["--ro-bind", prefix, prefix]
-        return args + argv
+        return args + ["--seccomp", str(seccomp_fd)] * (seccomp_fd is not None) + argv
 
     def _kill(self, proc: _Process) -> None:
         """Kill the run's whole tree: its pid namespace goes with bwrap; its
@@ -1702,6 +1721,45 @@ def _limit_child(config: Config, cgroups: list[Path]) -> None:
     if not cgroups and os.getuid() != 0:  # per-uid and shared, so only as a last resort
         resource.setrlimit(resource.RLIMIT_NPROC, (config.max_procs * 8,) * 2)
     os.nice(5)
+
+
+_MACHINE = os.uname().machine
+#: Per machine: its audit arch, and the numbers of socket, socketpair and io_uring_setup.
+_SYSCALLS = {"x86_64": (0xC000003E, 41, 53, 425), "aarch64": (0xC00000B7, 198, 199, 425)}
+
+
+def _seccomp_filter() -> bytes | None:
+    """A seccomp program (classic BPF, for bwrap --seccomp) that lets a run
+    make sockets only of AF_UNIX, AF_INET and AF_INET6 (harmless in an empty
+    network namespace) and refuses other families with EAFNOSUPPORT: AF_VSOCK
+    reaches the hypervisor, which no namespace covers. It refuses io_uring
+    (which can make sockets past this filter), x32 system calls, and kills a
+    process calling in through another ABI. None on an unknown machine."""
+    if _MACHINE not in _SYSCALLS:
+        return None
+    arch, socket_nr, socketpair_nr, uring = _SYSCALLS[_MACHINE]
+    load, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+    allow, kill, refuse = 0x7FFF0000, 0x80000000, 0x00050000  # refuse: SECCOMP_RET_ERRNO | errno
+    program = [                                    # (code, jump if true, jump if false, k)
+        (load, 0, 0, 4),                           # 0  the calling ABI
+        (jeq, 0, 14, arch),                        # 1  not ours: kill (16)
+        (load, 0, 0, 0),                           # 2  the system call's number
+        (jge, 11, 0, 0x40000000),                  # 3  x32: ENOSYS (15)
+        (jeq, 10, 0, uring),                       # 4  io_uring_setup, _enter, _register: ENOSYS
+        (jeq, 9, 0, uring + 1),                    # 5
+        (jeq, 8, 0, uring + 2),                    # 6
+        (jeq, 1, 0, socket_nr),                    # 7  socket: 9
+        (jeq, 0, 4, socketpair_nr),                # 8  socketpair: 9; any other call: allow (13)
+        (load, 0, 0, 16),                          # 9  the first argument, the family (low half)
+        (jeq, 2, 0, socket.AF_UNIX),               # 10 allowed families: 13
+        (jeq, 1, 0, socket.AF_INET),               # 11
+        (jeq, 0, 1, socket.AF_INET6),              # 12 others: EAFNOSUPPORT (14)
+        (ret, 0, 0, allow),                        # 13
+        (ret, 0, 0, refuse | errno.EAFNOSUPPORT),  # 14
+        (ret, 0, 0, refuse | errno.ENOSYS),        # 15
+        (ret, 0, 0, kill),                         # 16
+    ]
+    return b"".join(struct.pack("HBBI", *instruction) for instruction in program)
 
 
 def _make_cgroup_base() -> list[Path]:

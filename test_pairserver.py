@@ -1005,6 +1005,27 @@ except OSError as e:
     assert (await run(server, "import os; print(sorted(os.listdir('.')))"))["output"] == "['main.py']\n"
 
 
+@needs_bwrap
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64"), reason="no seccomp filter here")
+async def test_the_sandbox_makes_only_unix_and_inet_sockets(server):
+    code = """import ctypes, errno, os, socket
+for name, kind in [("AF_VSOCK", socket.SOCK_STREAM), ("AF_NETLINK", socket.SOCK_RAW),
+                   ("AF_PACKET", socket.SOCK_RAW), ("AF_UNIX", socket.SOCK_STREAM),
+                   ("AF_INET", socket.SOCK_STREAM), ("AF_INET6", socket.SOCK_DGRAM)]:
+    try:
+        socket.socket(getattr(socket, name), kind).close()
+        print(name, "made")
+    except OSError as e:
+        print(name, errno.errorcode[e.errno])
+print("socketpair", len(socket.socketpair()))
+libc = ctypes.CDLL(None, use_errno=True)
+print("io_uring_setup", libc.syscall(425, 1, None), errno.errorcode[ctypes.get_errno()])
+"""
+    assert (await run(server, code))["output"].splitlines() == [
+        "AF_VSOCK EAFNOSUPPORT", "AF_NETLINK EAFNOSUPPORT", "AF_PACKET EAFNOSUPPORT",
+        "AF_UNIX made", "AF_INET made", "AF_INET6 made", "socketpair 2", "io_uring_setup -1 ENOSYS"]
+
+
 async def test_without_bwrap_runs_keep_limits_and_a_cleared_environment(aiohttp_client, monkeypatch):
     monkeypatch.setenv("PAIRSERVER_TEST_SECRET", "hunter2")
     server = await aiohttp_client(create_app(sandbox="none", pool=1))
