@@ -1455,7 +1455,7 @@ async def type_lines(http, url, room, client_id, lines, version=None):
 
 
 def stored_version(db, room) -> int:
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # `with conn` alone leaves it open
         row = conn.execute("SELECT version FROM pairserver_rooms WHERE id = ?", (room,)).fetchone()
     return row[0] if row else -1
 
