@@ -194,8 +194,9 @@ def collab(args: argparse.Namespace) -> None:
     print(f"collab: {args.rooms} rooms x {args.clients} clients x {args.rate} edits/s, "
           f"{args.seconds:g} s measured after 2 s warm-up")
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as stack:
-        servers = {"relay": [], "pairserver": ["--max-rooms", "5000", "--pool", "0",
-                                               "--rooms-per-minute", "0"]}  # one address makes them all
+        servers = {"relay": [], "pairserver": [  # one address makes every room and connection
+            "--max-rooms", "5000", "--pool", "0", "--rooms-per-minute", "0",
+            "--max-connections-per-address", "5000"]}
         for db in args.db or []:
             where = str(Path(scratch, "rooms.db")) if db == "sqlite" else \
                 stack.enter_context(postgres_server()) if db == "postgres" else db

@@ -78,52 +78,43 @@ def _option(default: Any, help: str) -> Any:
 class Config:
     """Everything create_app() accepts; main() turns each field into a flag."""
 
-    admin_token: str = _option(
-        "", "bearer token for /admin (default: $PAIRSERVER_ADMIN_TOKEN, else random, printed at start)")
-    host: str = _option("127.0.0.1", "address to listen on; 0.0.0.0 for every network "
-                                      "(default: 127.0.0.1, this machine only)")
-    cors_origin: tuple[str, ...] = _option(
-        (), "another origin whose pages may call the API (* for any); repeat for several "
-            "(default: only the server's own pages)")
-    allow_host: tuple[str, ...] = _option(
-        (), "a Host name to answer besides localhost when listening on loopback, such as a "
-            "proxy's; repeat for several (default: none)")
+    admin_token: str = _option("", "bearer token for /admin (default: $PAIRSERVER_ADMIN_TOKEN, "
+                                   "else one made up and printed at start)")
+    host: str = _option("127.0.0.1", "address to listen on; 0.0.0.0 for every network")
+    cors_origin: tuple[str, ...] = _option((), "another origin whose pages may call the API "
+                                               "(*: any); repeat for several (default: none)")
+    allow_host: tuple[str, ...] = _option((), "a Host name to answer on loopback besides localhost "
+                                              "(a proxy's); repeat for several")
     max_connections_per_address: int = _option(500, "open connections one client address may have")
-    header_timeout: float = _option(
-        10.0, "seconds a connection may take to send a request's headers, or stay idle between requests")
+    header_timeout: float = _option(10.0, "seconds to send a request's headers, or to idle between")
     max_code: int = _option(1_000_000, "largest room text, in UTF-16 code units")
     max_message: int = _option(4 << 20, "largest WebSocket message or request body, in bytes")
     max_rooms: int = _option(1000, "most rooms at once")
     max_clients: int = _option(50, "most connected clients in one room")
     history: int = _option(500, "updates kept per room for rebasing stale updates")
-    send_queue: int = _option(
-        4 << 20, "bytes queued for one slow socket before it is dropped")
+    send_queue: int = _option(4 << 20, "bytes queued for one slow socket before it is dropped")
     heartbeat: float = _option(30.0, "seconds between pings that find dead peers")
     db: str = _option("", "SQLite file or postgresql:// URL to keep rooms in across restarts "
                           "(default: $PAIRSERVER_DB, else memory only)")
-    room_ttl: float = _option(7 * 86400.0, "seconds after which a room nobody is in or changes is removed; "
-                                            "0 keeps rooms forever")
-    unused_room_ttl: float = _option(
-        3600.0, "seconds after which a room made by POST /rooms that nobody joined is removed")
-    rooms_per_minute: float = _option(
-        30.0, "rooms one client address may make per minute, in bursts of up to 10; 0: no limit")
-    sandbox: str = _option("auto", "isolate runs with bwrap: auto (when installed), bwrap (required), none")
+    room_ttl: float = _option(7 * 86400.0, "seconds before a room nobody is in or changes goes")
+    unused_room_ttl: float = _option(3600.0, "seconds before a room made by POST /rooms and never "
+                                             "joined goes; 0: never")
+    rooms_per_minute: float = _option(30.0, "rooms an address may make a minute (bursts of 10)")
+    sandbox: str = _option("auto", "isolate runs with bwrap: auto (if it works), bwrap, none")
     python: str = _option("", "Python interpreter for runs (default: the one running the server)")
     max_runs: int = _option(os.cpu_count() or 2, "runs at once; more wait in a short queue")
-    max_queue: int = _option(64, "runs waiting for a slot, in all, before 429 Too Many Requests")
-    max_queue_per_source: int = _option(
-        2, "runs one room or one REST client address may have waiting before it alone gets 429")
+    max_queue: int = _option(64, "runs waiting, in all, before 429 Too Many Requests")
+    max_queue_per_source: int = _option(2, "runs a room or a client address may have waiting")
     pool: int = _option(2, "interpreters per language started ahead, waiting for code")
     timeout: float = _option(5.0, "seconds a run may take when it asks for no timeout")
     max_timeout: float = _option(30.0, "largest timeout a run may ask for, in seconds")
-    max_output: int = _option(64 << 10, "bytes of stdout and stderr together before a run is stopped")
+    max_output: int = _option(64 << 10, "bytes of stdout and stderr together, then a run stops")
     max_memory: int = _option(256 << 20, "bytes of memory a run may use")
     max_procs: int = _option(64, "processes a run may have at once (where a cgroup is writable)")
     max_file: int = _option(16 << 20, "bytes a run may write to one file, and to its folder")
     max_source: int = _option(1 << 20, "bytes of code or stdin POST /execute accepts")
-    static_dir: str = _option(
-        str(Path(__file__).with_name("static")),
-        "folder holding the demo page, index.html (default: static/ beside this file)")
+    static_dir: str = _option(str(Path(__file__).with_name("static")),
+                              "folder of the demo page, index.html (default: static/ here)")
 
 
 #: Most changes in one update; and work a rebase may take, past which an update gets resync.
@@ -792,7 +783,7 @@ async def _flush(rooms: Rooms, store: SqliteStore | PostgresStore, failing: bool
 
 
 # ---------------------------------------------------------------------------
-# Autocomplete: suggest, the scopes at the cursor, and what follows a dot
+# Autocomplete: suggest, ranking, and what follows a dot
 # ---------------------------------------------------------------------------
 # While someone types, the text rarely parses. suggest() parses it one
 # top-level block at a time (cached: between keystrokes only one changes),
@@ -975,6 +966,10 @@ def _attribute_words(code: str, start: int, cursor: int) -> list[str]:
     return [w for w in dict.fromkeys(re.findall(r"\.[ \t]*([A-Za-z_]\w*)", code[:start] + code[cursor:]))
             if not keyword.iskeyword(w)]
 
+
+# ---------------------------------------------------------------------------
+# Autocomplete: the text near the cursor, parsed block by block, and its scopes
+# ---------------------------------------------------------------------------
 
 def _parse_near(code: str, start: int, line0: int = 0) -> _Parse:
     """Parse the text top-level block by top-level block, each on its own so
@@ -1244,6 +1239,10 @@ def _members(cls: ast.ClassDef, classes: dict[str, ast.ClassDef], seen: int = 0)
     return found
 
 
+# ---------------------------------------------------------------------------
+# Autocomplete: standard-library modules' names, learned in the sandbox
+# ---------------------------------------------------------------------------
+
 class Unlearned(Exception):
     """Raised by ModuleNames for a module whose names are not known yet."""
 
@@ -1325,7 +1324,7 @@ async def complete(app: web.Application, code: str, cursor: int, language: str) 
 
 
 # ---------------------------------------------------------------------------
-# Execution: Sandbox (bwrap, rlimits, cgroups), Runner (pool, queue, limits)
+# Execution: Runner (pools of interpreters, fair turns, limits)
 # ---------------------------------------------------------------------------
 # Each run gets a pre-started interpreter from a small pool: the sandbox and
 # the interpreter are already up, waiting on stdin for a header line with the
@@ -1449,32 +1448,24 @@ class Turns:
     def __init__(self, size: int, per_source: int, total: int) -> None:
         self.free, self.per_source, self.total = size, per_source, total
         self.running: collections.Counter = collections.Counter()
-        self.waiting: dict[str, deque[tuple[int, asyncio.Future]]] = {}
-        self.served: dict[str, int] = {}  #: when each source now running or waiting last got a slot
-        self._tickets = itertools.count()
-
-    @property
-    def queued(self) -> int:
-        return sum(map(len, self.waiting.values()))
+        self.waiting: list[tuple[str, asyncio.Future]] = []  #: (source, its turn), oldest first
+        self.served: dict[str, int] = {}  #: when each source running or waiting last got a slot
+        self._clock = itertools.count()
 
     async def take(self, source: str) -> None:
         """Wait for a slot for source; raises PairError (429) when it may not wait."""
         if self.free and not self.waiting:
             self.free -= 1
-            self.running[source], self.served[source] = self.running[source] + 1, next(self._tickets)
-            return
-        if len(self.waiting.get(source, ())) >= self.per_source or self.queued >= self.total:
+            return self._start(source)
+        if sum(s == source for s, _ in self.waiting) >= self.per_source or len(self.waiting) >= self.total:
             raise PairError("too_busy", "too many runs waiting; try again shortly", 429)
-        turn = (next(self._tickets), asyncio.get_running_loop().create_future())
-        self.waiting.setdefault(source, deque()).append(turn)
+        turn = (source, asyncio.get_running_loop().create_future())
+        self.waiting.append(turn)
         try:
             await turn[1]
         except asyncio.CancelledError:
             if turn[1].cancelled():  # still waiting: leave the queue
-                self.waiting[source].remove(turn)
-                if not self.waiting[source]:
-                    del self.waiting[source]
-                    self.running[source] or self.served.pop(source, None)
+                self.waiting.remove(turn)
             else:  # given a slot just now: pass it on
                 self.give_back(source)
             raise
@@ -1482,17 +1473,19 @@ class Turns:
     def give_back(self, source: str) -> None:
         """Free source's slot for the fairest waiter."""
         self.running[source] -= 1
-        if not self.running[source]:
-            del self.running[source]
-            source in self.waiting or self.served.pop(source, None)
+        if not self.running[source] and source not in (s for s, _ in self.waiting):
+            del self.running[source], self.served[source]
         if not self.waiting:
             self.free += 1
             return
-        fairest = min(self.waiting, key=lambda s: (self.running[s], self.served.get(s, -1)))
-        queue = self.waiting[fairest]
-        queue.popleft()[1].set_result(None)
-        queue or self.waiting.pop(fairest)
-        self.running[fairest], self.served[fairest] = self.running[fairest] + 1, next(self._tickets)
+        turn = min(self.waiting, key=lambda t: (self.running[t[0]], self.served.get(t[0], -1)))
+        self.waiting.remove(turn)
+        self._start(turn[0])
+        turn[1].set_result(None)
+
+    def _start(self, source: str) -> None:
+        self.running[source] += 1
+        self.served[source] = next(self._clock)
 
 
 class Runner:
@@ -1707,6 +1700,10 @@ class Runner:
             _rmdir_all(group, retries=20)
 
 
+# ---------------------------------------------------------------------------
+# The sandbox around each run: rlimits, a seccomp filter, cgroups
+# ---------------------------------------------------------------------------
+
 def _limit_child(config: Config, cgroups: list[Path]) -> None:
     """In the child, before exec: the cgroup, resource limits, a lower priority.
     (The cgroup first: the child holds the server's descriptors until exec,
@@ -1838,27 +1835,23 @@ MODULES = web.AppKey("modules", ModuleNames)
 
 
 class RateLimit:
-    """A token bucket per client address: `per_minute` tokens a minute, at
-    most `burst` saved up."""
+    """A token bucket per client address: `per_minute` tokens a minute, `burst` at most."""
 
     def __init__(self, per_minute: float, burst: int) -> None:
         self.rate, self.burst = per_minute / 60, burst
-        self.buckets: dict[str, tuple[float, float]] = {}  #: address -> (tokens, when counted)
+        self.buckets: dict[str, tuple[float, float]] = {}  #: address -> (tokens, when), oldest first
 
     def take(self, address: str) -> None:
         """Spend a token of address's, or raise PairError (429) saying when one comes."""
-        if not self.rate:
-            return
         now = time.monotonic()
-        tokens, then = self.buckets.get(address, (self.burst, now))
+        tokens, then = self.buckets.pop(address, (self.burst, now))
         tokens = min(self.burst, tokens + (now - then) * self.rate)
-        if tokens < 1:
+        self.buckets[address] = (tokens - (tokens >= 1), now)
+        if len(self.buckets) > 10_000:  # forget the address heard from longest ago: nearly full
+            del self.buckets[next(iter(self.buckets))]
+        if self.rate and tokens < 1:
             raise PairError("too_many_requests", "too many rooms made from this address; wait a "
                             "little", 429, retry_after=math.ceil((1 - tokens) / self.rate))
-        self.buckets[address] = (tokens - 1, now)
-        if len(self.buckets) > 10_000:  # forget the addresses whose buckets are full again
-            self.buckets = {a: (t, w) for a, (t, w) in self.buckets.items()
-                            if t + (now - w) * self.rate < self.burst}
 
 
 ROOM_LIMIT = web.AppKey("room_limit", RateLimit)
@@ -1911,17 +1904,19 @@ async def guard_middleware(request: web.Request, handler: Callable) -> web.Strea
     name a loopback host (a DNS-rebound page names its own); a browser page
     must be the server's own or of a --cors-origin; a POST body must be JSON,
     which no foreign page can send without a CORS preflight."""
-    config, local = request.app[CONFIG], request.transport and request.transport.get_extra_info("sockname")
+    to = request.transport and request.transport.get_extra_info("sockname")
     host = urlsplit("//" + request.host).hostname or ""
-    if isinstance(local, tuple) and _is_loopback(local[0]) and not (
-            _is_loopback(host) or host in config.allow_host):
+    named = _is_loopback(host) or host in request.app[CONFIG].allow_host
+    if isinstance(to, tuple) and _is_loopback(to[0]) and not named:
         raise PairError("forbidden_host", f"this server answers to localhost, not to {host!r}; "
                         "start it with --allow-host NAME to answer to that name", 403)
-    if not _origin_allowed(request) and request.headers.get("Upgrade", "").lower() != "websocket":
+    upgrade = request.headers.get("Upgrade", "").lower() == "websocket"  # closed with 4403 instead
+    if not upgrade and not _origin_allowed(request):
         raise PairError("forbidden_origin", "pages from this origin may not call this server "
                         "(see --cors-origin)", 403)
-    if request.method == "POST" and request.body_exists and request.content_type != "application/json":
-        raise PairError("unsupported_media_type", "send the body as Content-Type: application/json", 415)
+    json_body = not request.body_exists or request.content_type == "application/json"
+    if request.method == "POST" and not json_body:
+        raise PairError("unsupported_media_type", "send the body as application/json", 415)
     return await handler(request)
 
 
@@ -2396,16 +2391,19 @@ async def _serve(app: web.Application, port: int, show_token: bool) -> None:
 def _banner(app: web.Application, port: int, show_token: bool) -> str:
     """What the server says at start: where to open it, where rooms are kept,
     whether runs are isolated, and the admin token if it made one up."""
-    config, isolated = app[CONFIG], bool(app[RUNNER].bwrap)
+    config = app[CONFIG]
     host = _lan_address() if config.host in ("0.0.0.0", "::", "") else \
         "localhost" if _is_loopback(config.host) else config.host
     kept = f"rooms kept in {config.db}" if config.db else "rooms in memory: they end with the process"
-    runs = "runs are isolated (bwrap sandbox)" if isolated else \
-        "WARNING: runs are NOT isolated: code run here can read this machine's files and use its network" \
-        if config.sandbox == "none" else "runs are NOT isolated (no working bwrap: apt-get install " \
-        "bubblewrap)" + ("; so they are refused to other machines" if not _is_loopback(config.host) else "")
-    lines = [f"pairserver on http://{host}:{port}/  ({kept})", runs]
-    return "\n".join(lines + [f"admin token: {config.admin_token}"] * show_token)
+    if app[RUNNER].bwrap:
+        runs = "runs are isolated (bwrap sandbox)"
+    elif config.sandbox == "none":
+        runs = "WARNING: runs are NOT isolated: code run here can read this machine's files and network"
+    else:
+        runs = "runs are NOT isolated (no working bwrap: apt-get install bubblewrap)" + (
+            "" if _is_loopback(config.host) else ", so other machines may not run code")
+    token = [f"admin token: {config.admin_token}"] if show_token else []
+    return "\n".join([f"pairserver on http://{host}:{port}/  ({kept})", runs, *token])
 
 
 def _lan_address() -> str:
@@ -2427,7 +2425,8 @@ def _cap_connections(server: web.Server, cap: int) -> None:
         peers[handler] = peer = (transport.get_extra_info("peername") or ("",))[0]
         count[peer] += 1
         made(handler, transport)
-        if count[peer] > cap:  # once the handler's task has started, or it fails to start
+        if count[peer] > cap:  # read nothing; abort once the handler has started (else it fails)
+            transport.pause_reading()
             asyncio.get_running_loop().call_later(0, transport.abort)
 
     def connection_lost(handler: web.RequestHandler, exc: BaseException | None = None) -> None:
