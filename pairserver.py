@@ -117,8 +117,12 @@ class Config:
                               "folder of the demo page, index.html (default: static/ here)")
 
 
-#: Most changes in one update; and work a rebase may take, past which an update gets resync.
+#: Most changes in one update.
 MAX_CHANGES = 10_000
+#: Past these, a stale update gets resync rather than stalling its room: units
+#: of text times updates missed, to rebuild an old text for a whole-text
+#: update; components of the history and the update times updates missed, to rebase.
+REBUILD_COST, REBASE_COST = 50_000_000, 200_000
 
 #: Autocomplete reads at most these characters and lines before and after the
 #: cursor, so that a request costs a bounded time however long the text.
@@ -136,7 +140,8 @@ LEARN_TIMEOUT = 5.0
 ROOM_BURST = 10
 
 #: The SPEC's close codes.
-CLOSE_REPLACED, CLOSE_BAD_CLIENT, CLOSE_NO_ROOM, CLOSE_FULL, CLOSE_FORBIDDEN = 4000, 4400, 4404, 4429, 4403
+CLOSE_REPLACED, CLOSE_BAD_CLIENT, CLOSE_FORBIDDEN, CLOSE_NO_ROOM, CLOSE_FULL = \
+    4000, 4400, 4403, 4404, 4429
 
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 _LANGUAGE = re.compile(r"[a-z0-9+#_-]{1,32}\Z")
@@ -171,7 +176,8 @@ def _get(obj: dict, key: str, kind: type | tuple, default: Any = _REQUIRED,
     value, kinds = obj.get(key, default), kind if isinstance(kind, tuple) else (kind,)
     if value is _REQUIRED:
         raise PairError(code, f"'{key}' is required")
-    if value is not default and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
+    wrong = not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds
+    if value is not default and wrong:
         raise PairError(code, f"'{key}' must be of type {'/'.join(k.__name__ for k in kinds)}")
     return value
 
@@ -205,7 +211,8 @@ def from_units(s: str) -> str:
 
 def splits_pair(text: str, i: int) -> bool:
     """True if position i falls between the two halves of a surrogate pair."""
-    return 0 < i < len(text) and "\ud800" <= text[i - 1] <= "\udbff" and "\udc00" <= text[i] <= "\udfff"
+    return 0 < i < len(text) and "\ud800" <= text[i - 1] <= "\udbff" \
+        and "\udc00" <= text[i] <= "\udfff"
 
 
 # ---------------------------------------------------------------------------
@@ -321,16 +328,17 @@ def changes_to_op(changes: list, length: int) -> Op:
     for change in changes:
         if not isinstance(change, dict):
             raise PairError("bad_change", "each change must be an object")
-        start, end = _get(change, "from", int, code="bad_change"), _get(change, "to", int, code="bad_change")
+        start, end = (_get(change, key, int, code="bad_change") for key in ("from", "to"))
         insert = to_units(_get(change, "insert", str, "", code="bad_change"))
         if not 0 <= start <= end <= length:
-            raise PairError("bad_change", f"change {start}..{end} is outside the text (length {length})")
+            raise PairError("bad_change", f"change {start}..{end} is outside the text ({length})")
         steps.append([])
         for c in (start, insert, start - end, length - end):
             _push(steps[-1], c)
         length += len(insert) - (end - start)
     while len(steps) > 1:  # pairwise, so that a thousand changes cost k log k, not k squared
-        steps = [compose(*steps[i:i + 2]) if i + 1 < len(steps) else steps[i] for i in range(0, len(steps), 2)]
+        steps = [compose(*steps[i:i + 2]) if i + 1 < len(steps) else steps[i]
+                 for i in range(0, len(steps), 2)]
     return steps[0]
 
 
@@ -370,8 +378,8 @@ def op_to_changes(op: Op) -> list[dict]:
             pos += len(c)
         elif c > 0:
             pos += c
-        elif changes and changes[-1]["to"] == changes[-1]["from"] == pos - len(changes[-1]["insert"]):
-            changes[-1]["to"] -= c                  # the delete right after an insert: one change
+        elif changes and (last := changes[-1])["from"] == last["to"] == pos - len(last["insert"]):
+            last["to"] -= c  # a delete right after an insert: one change
         else:
             changes.append({"from": pos, "to": pos - c, "insert": ""})
     return changes
@@ -485,7 +493,7 @@ class Room:
         return f"<Room {self.id} {self.language} v{self.version} clients={len(self.clients)}>"
 
     def _since(self, version: int) -> list[tuple[Op, list[str]]]:
-        """The history entries of the updates after version; Stale if it is older than the history."""
+        """The history entries of the updates after version; Stale if older than the history."""
         behind = self.version - version
         if behind > len(self.history):
             raise Stale(version)
@@ -505,17 +513,18 @@ class Room:
         Raises PairError for a malformed update, Stale for one too old to rebase."""
         version = self.version if version is None else version
         if version > self.version or version < 0:
-            raise PairError("bad_version", f"version {version} is not one of this room's (now {self.version})")
+            raise PairError("bad_version", f"version {version} is not one of this room's "
+                            f"(now {self.version})")
         missed = [op for op, _ in self._since(version)]
         if code is not None:
-            if missed and len(self.text) * len(missed) > 50_000_000:  # rebuilding the old text is too dear
+            if missed and len(self.text) * len(missed) > REBUILD_COST:
                 raise Stale(version)
             op = diff_to_op(self.text_at(version), to_units(code))
         else:
             if len(changes) > MAX_CHANGES:
                 raise PairError("too_large", f"an update may hold at most {MAX_CHANGES} changes")
             op = changes_to_op(changes, len(self.text) - sum(map(_growth, missed)))
-        if missed and sum(map(len, missed)) + len(op) * len(missed) > 200_000:  # so is a rebase this big
+        if missed and sum(map(len, missed)) + len(op) * len(missed) > REBASE_COST:
             raise Stale(version)
         for past in missed:
             op = transform(op, past)
@@ -605,12 +614,12 @@ class Rooms:
     def create(self, language: str = "python", code: str = "") -> Room:
         """Make a room with an unguessable id (128 random bits)."""
         if len(self._rooms) >= self.config.max_rooms:
-            raise PairError("too_many_rooms", f"this server holds at most {self.config.max_rooms} rooms", 429)
+            raise PairError("too_many_rooms", f"at most {self.config.max_rooms} rooms here", 429)
         if not _LANGUAGE.match(language):
-            raise PairError("bad_request", "'language' must be a short lowercase name such as 'python'")
+            raise PairError("bad_request", "'language' must be a short lowercase name, as 'python'")
         text = to_units(code)
         if len(text) > self.config.max_code:
-            raise PairError("too_large", f"code exceeds {self.config.max_code} UTF-16 code units", 413)
+            raise PairError("too_large", f"code exceeds {self.config.max_code} UTF-16 units", 413)
         if _LONE.search(text):
             raise PairError("bad_request", "code holds half of a surrogate pair")
         room = Room(secrets.token_urlsafe(16), language, text, max_code=self.config.max_code,
@@ -623,8 +632,9 @@ class Rooms:
     def restore(self, rows: list[tuple]) -> None:
         """Take back the rooms a store kept: their text, language and version."""
         for room_id, language, code, version, created_at, updated_at in rows:
-            self._rooms[room_id] = Room(room_id, language, to_units(code), version, self.config.max_code,
-                                        self.config.history, created_at=created_at, updated_at=updated_at)
+            self._rooms[room_id] = Room(room_id, language, to_units(code), version,
+                                        self.config.max_code, self.config.history,
+                                        created_at=created_at, updated_at=updated_at)
         log.info("%d rooms restored", len(rows))
 
     def expire(self, ttl: float, unused_ttl: float) -> None:
@@ -632,7 +642,8 @@ class Rooms:
         of unused ones (made over HTTP, never joined) after unused_ttl; 0: never."""
         now = datetime.now(timezone.utc)
         for room in self:
-            idle = (now - datetime.fromisoformat(room.updated_at.replace("Z", "+00:00"))).total_seconds()
+            changed = datetime.fromisoformat(room.updated_at.replace("Z", "+00:00"))
+            idle = (now - changed).total_seconds()
             if not room.clients and (0 < ttl < idle or room.unused and 0 < unused_ttl < idle):
                 self._forget(room.id)
                 log.info("room %s expired", room.id)
@@ -670,8 +681,9 @@ async def _close_all(clients, code: int, message: bytes) -> None:
 # store that fails while running costs nothing but the write: it is retried
 # each second until it succeeds, and the rooms go on in memory meanwhile.
 
-_SCHEMA = """CREATE TABLE IF NOT EXISTS pairserver_rooms (id TEXT PRIMARY KEY, language TEXT NOT NULL,
-    code TEXT NOT NULL, version BIGINT NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL)"""
+_SCHEMA = """CREATE TABLE IF NOT EXISTS pairserver_rooms (id TEXT PRIMARY KEY,
+    language TEXT NOT NULL, code TEXT NOT NULL, version BIGINT NOT NULL,
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL)"""
 _SAVE = """INSERT INTO pairserver_rooms VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET
     language = excluded.language, code = excluded.code, version = excluded.version,
     updated_at = excluded.updated_at"""
@@ -696,7 +708,7 @@ class SqliteStore:
         try:
             self.db = sqlite3.connect(self.path, timeout=0.5, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crashed process loses nothing written
+            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses nothing written
             with self.db:
                 self.db.execute(_SCHEMA)
             return self.db.execute(_LOAD).fetchall()
@@ -751,7 +763,7 @@ class PostgresStore:
             await self.pool.close()
 
 
-async def _write_behind(rooms: Rooms, store: SqliteStore | PostgresStore, stop: asyncio.Event) -> None:
+async def _write_behind(rooms: Rooms, store: SqliteStore | PostgresStore, stop: asyncio.Event):
     """Each second until stop is set, write the rooms changed since the last
     write. (Stopped between writes, never cancelled inside one, whose thread
     would go on.)"""
@@ -775,7 +787,8 @@ async def _flush(rooms: Rooms, store: SqliteStore | PostgresStore, failing: bool
         rooms.dirty |= dirty
         rooms.gone |= gone - rooms.dirty
         if not failing:
-            log.error("cannot write rooms to %r (%s); serving from memory and retrying each second", store, e)
+            log.error("cannot write rooms to %r (%s); serving from memory, retrying each second",
+                      store, e)
         return True
     if failing:
         log.warning("%r works again: %d changed rooms written", store, len(rows))
@@ -796,17 +809,20 @@ async def _flush(rooms: Rooms, store: SqliteStore | PostgresStore, failing: bool
 
 Suggestion = tuple  # (label, kind, detail, scope): scope 0 is the innermost
 #: The words of code, not of its comments and strings: findall() gives "" for those.
-_CODE_WORD = re.compile(r"#.*|'''[\s\S]*?'''|" r'"""[\s\S]*?"""' r"""|'[^'\n]*'|"[^"\n]*"|([A-Za-z_]\w*)""")
+_CODE_WORD = re.compile(r"#.*|'''[\s\S]*?'''|" r'"""[\s\S]*?"""'
+                        r"""|'[^'\n]*'|"[^"\n]*"|([A-Za-z_]\w*)""")
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef,
            ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 _PAIRS = {"(": ")", "[": "]", "{": "}"}
 #: Builtins common enough to rank with a program's own names.
-_COMMON = set("""len print isinstance range str int list dict set tuple open hasattr getattr setattr super
-type enumerate zip sorted min max sum any all bool repr iter next map filter object id callable format abs
-bytes float property staticmethod classmethod reversed round vars dir None True False Exception ValueError
-TypeError KeyError AttributeError IndexError RuntimeError OSError NotImplementedError StopIteration""".split())
+_COMMON = set("""len print isinstance range str int list dict set tuple open hasattr getattr
+setattr super type enumerate zip sorted min max sum any all bool repr iter next map filter object
+id callable format abs bytes float property staticmethod classmethod reversed round vars dir None
+True False Exception ValueError TypeError KeyError AttributeError IndexError RuntimeError OSError
+NotImplementedError StopIteration""".split())
+_BUILTINS, _DUNDERS = [b for b in dir(builtins) if b[0] != "_"], ("__name__", "__file__", "__doc__")
 #: What an object of unknown type most likely has: the methods of the common built-in types.
-_TYPE_METHODS = sorted({n for t in (str, bytes, list, dict, set) for n in dir(t) if not n.startswith("_")})
+_TYPE_METHODS = sorted({n for t in (str, bytes, list, dict, set) for n in dir(t) if n[0] != "_"})
 
 
 @dataclass
@@ -827,7 +843,9 @@ class _Parse:
     def statements(self, scope: ast.AST) -> list[ast.stmt]:
         """A scope's statements, with those of its if, try and with blocks one level down."""
         body = self.body if scope is self.tree else getattr(scope, "body", None)
-        return [n for top in body for n in [top, *getattr(top, "body", [])]] if isinstance(body, list) else []
+        if not isinstance(body, list):
+            return []
+        return [n for top in body for n in [top, *getattr(top, "body", [])]]
 
     def classes(self) -> dict[str, ast.ClassDef]:
         return {n.name: n for n in self.statements(self.tree) if isinstance(n, ast.ClassDef)}
@@ -866,7 +884,7 @@ def _suggest(code: str, cursor: int, language: str, modules: Callable[[str], dic
     elif whole and (m := re.fullmatch(r"\s*(?:import|from)\s+([\w.]+)\.", before)):
         found = [(n, k, d, 0) for n, (k, d) in modules(m.group(1)).items() if k == "import"]
     elif whole and re.fullmatch(r"\s*(import|from)\s+([\w.]+\s*,\s*)*", before):
-        found = [(n, "import", "module", 0) for n in sys.stdlib_module_names if not n.startswith("_")]
+        found = [(n, "import", "module", 0) for n in sys.stdlib_module_names if n[0] != "_"]
     elif owner := _owner(before):
         members = _attributes(_parse_near(code, start, line0), owner, modules)
         found = members + [(w, "attribute", None, 12 if members else 6)  # then what objects have
@@ -875,8 +893,8 @@ def _suggest(code: str, cursor: int, language: str, modules: Callable[[str], dic
     else:
         parse = _parse_near(code, start, line0)
         found = _keyword_args(parse, code, start) + _names(parse) \
-            + [(b, "builtin", None, 6 if b in _COMMON else 8) for b in dir(builtins) if not b.startswith("_")] \
-            + [(d, "global", "every module has it", 7) for d in ("__name__", "__file__", "__doc__")] \
+            + [(b, "builtin", None, 6 if b in _COMMON else 8) for b in _BUILTINS] \
+            + [(d, "global", "every module has it", 7) for d in _DUNDERS] \
             + [(k, "keyword", None, 9) for k in keyword.kwlist] \
             + [(w, "word", None, 12) for w in _words(code, start, cursor)]  # what no parse bound
     return _rank(found, prefix, code, start, cursor), start
@@ -932,7 +950,8 @@ def _rank(found: list[Suggestion], prefix: str, code: str, start: int, cursor: i
     for _, label, kind, detail in sorted(ranked):
         if label not in seen:
             seen.add(label)
-            out.append({"label": label, "kind": kind, **({"detail": detail[:100]} if detail else {})})
+            shown = {"detail": detail[:100]} if detail else {}
+            out.append({"label": label, "kind": kind, **shown})
     return out[:50]
 
 
@@ -946,11 +965,13 @@ def _nearness(code: str, start: int, cursor: int) -> dict[str, float]:
     score that grows the nearer its nearest use (not the one being typed) and
     the more uses it has; uses above the cursor count twice those below."""
     score: dict[str, float] = {}
-    for i, word in enumerate(reversed([w for w in _CODE_WORD.findall(code, max(0, start - 3000), start) if w])):
+    above = [w for w in _CODE_WORD.findall(code, max(0, start - 3000), start) if w]
+    for i, word in enumerate(reversed(above)):
         score.setdefault(word, 100 / (1 + i / 12))
     for i, word in enumerate(w for w in _CODE_WORD.findall(code, cursor, cursor + 1000) if w):
         score[word] = max(score.get(word, 0), 50 / (1 + i / 12))
-    for word, n in collections.Counter(_CODE_WORD.findall(code, max(0, start - 8000), cursor + 4000)).items():
+    around = _CODE_WORD.findall(code, max(0, start - 8000), cursor + 4000)
+    for word, n in collections.Counter(around).items():
         score[word] = score.get(word, 0) + 5 * math.log2(n)  # and the more it is used
     return score
 
@@ -963,8 +984,8 @@ def _words(code: str, start: int, cursor: int) -> list[str]:
 
 def _attribute_words(code: str, start: int, cursor: int) -> list[str]:
     """Names used after a dot anywhere in the text: what an object of unknown type likely has."""
-    return [w for w in dict.fromkeys(re.findall(r"\.[ \t]*([A-Za-z_]\w*)", code[:start] + code[cursor:]))
-            if not keyword.iskeyword(w)]
+    found = re.findall(r"\.[ \t]*([A-Za-z_]\w*)", code[:start] + code[cursor:])
+    return [w for w in dict.fromkeys(found) if not keyword.iskeyword(w)]
 
 
 # ---------------------------------------------------------------------------
@@ -996,6 +1017,7 @@ def _parse_near(code: str, start: int, line0: int = 0) -> _Parse:
 
 
 _DEFINES = ("def ", "async ", "class ", "@")
+_CONTINUES = ("#", ")", "]", "}", "else", "elif", "except", "finally")  #: no block starts so
 
 
 def _blocks(lines: list[str]) -> list[int]:
@@ -1003,9 +1025,10 @@ def _blocks(lines: list[str]) -> list[int]:
     between definitions go together, at most 200 at a time."""
     starts = [0]
     for i, line in enumerate(lines):
-        if i and line[:1].strip() and not line.startswith(("#", ")", "]", "}", "else", "elif", "except", "finally")) \
-                and not lines[i - 1].startswith("@") and (line.startswith(_DEFINES) or lines[starts[-1]].startswith(
-                    _DEFINES) or i - starts[-1] > 200):
+        top = i and line[:1].strip() and not line.startswith(_CONTINUES) \
+            and not lines[i - 1].startswith("@")
+        if top and (line.startswith(_DEFINES) or lines[starts[-1]].startswith(_DEFINES)
+                    or i - starts[-1] > 200):
             starts.append(i)
     return starts
 
@@ -1103,8 +1126,8 @@ def _scope_chain(tree: ast.Module, row: int, col: int) -> list[ast.AST]:
     chain, node = [tree], tree
     while True:
         for child in ast.iter_child_nodes(node):
-            if getattr(child, "lineno", None) and (child.lineno - 1, child.col_offset) <= (row, col) \
-                    <= (child.end_lineno - 1, child.end_col_offset):
+            if getattr(child, "lineno", None) and (child.lineno - 1, child.col_offset) \
+                    <= (row, col) <= (child.end_lineno - 1, child.end_col_offset):
                 if isinstance(child, _SCOPES):
                     chain.append(child)
                 node = child
@@ -1120,7 +1143,8 @@ def _names(parse: _Parse) -> list[Suggestion]:
     for depth, scope in enumerate(reversed(chain)):
         if isinstance(scope, ast.ClassDef) and depth:
             continue
-        for name, (kind, detail) in (parse.top_names if scope is parse.tree else _bindings(scope)).items():
+        bound = parse.top_names if scope is parse.tree else _bindings(scope)
+        for name, (kind, detail) in bound.items():
             if name != "__cursor__":
                 found.append((name, kind, detail, depth if depth < len(chain) - 1 else 5))
     return found
@@ -1148,18 +1172,19 @@ def _bindings(scope: ast.AST, first: int = 0) -> dict[str, tuple[str, str | None
             continue
         elif isinstance(node, ast.ClassDef):
             bases = ", ".join(ast.unparse(b) for b in node.bases)
-            found.setdefault(node.name, ("class", f"class {node.name}({bases})" if bases else f"class {node.name}"))
+            found.setdefault(node.name, ("class", f"class {node.name}({bases})".replace("()", "")))
             continue
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             for alias in node.names:
                 name = alias.asname or alias.name.split(".")[0]
-                source = f"from {node.module or '.'} import {alias.name}" if isinstance(node, ast.ImportFrom) \
-                    else f"import {alias.name}"
+                source = f"import {alias.name}" if isinstance(node, ast.Import) \
+                    else f"from {node.module or '.'} import {alias.name}"
                 found.setdefault(name, ("import", source))
         elif isinstance(node, _SCOPES):
             continue
         elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-            found.setdefault(node.id, ("attribute" if in_class else local, f"line {node.lineno + first}"))
+            found.setdefault(node.id, ("attribute" if in_class else local,
+                                       f"line {node.lineno + first}"))
         elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
             found.setdefault(node.name, (local, f"line {node.lineno + first}"))
         elif isinstance(node, ast.expr) and not isinstance(node, ast.NamedExpr) \
@@ -1195,15 +1220,18 @@ def _keyword_args(parse: _Parse, code: str, start: int) -> list[Suggestion]:
     if code[i] != "(" or not m:
         return []
     name = m.group(1)
-    defined = [*parse.statements(parse.tree), *(n for c in parse.classes().values() for n in c.body)]
-    node = next((n for n in defined if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-                 and n.name == name), None)
+    methods = [n for c in parse.classes().values() for n in c.body]
+    defined = [*parse.statements(parse.tree), *methods]
+    node = next((n for n in defined if getattr(n, "name", None) == name
+                 and isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))), None)
     if isinstance(node, ast.ClassDef):
-        node = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+        node = next((n for n in node.body if getattr(n, "name", None) == "__init__"
+                     and isinstance(n, ast.FunctionDef)), None)
     if node is None:
         return []
     named = [*node.args.args[len(node.args.posonlyargs):], *node.args.kwonlyargs]
-    return [(f"{a.arg}=", "param", f"param of {name}", 0) for a in named if a.arg not in ("self", "cls")]
+    return [(f"{a.arg}=", "param", f"param of {name}", 0) for a in named
+            if a.arg not in ("self", "cls")]
 
 
 def _attributes(parse: _Parse, owner: str, modules: Callable[[str], dict]) -> list[Suggestion]:
@@ -1220,12 +1248,13 @@ def _attributes(parse: _Parse, owner: str, modules: Callable[[str], dict]) -> li
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 for alias in node.names:
                     if (alias.asname or alias.name) == owner:
-                        module = alias.name if isinstance(node, ast.Import) else f"{node.module}.{alias.name}"
+                        module = alias.name if isinstance(node, ast.Import) \
+                            else f"{node.module}.{alias.name}"
                         return [(n, k, d, 0) for n, (k, d) in modules(module).items()]
     return []
 
 
-def _members(cls: ast.ClassDef, classes: dict[str, ast.ClassDef], seen: int = 0) -> list[Suggestion]:
+def _members(cls: ast.ClassDef, classes: dict[str, ast.ClassDef], seen: int = 0) -> list:
     """A class's methods, class attributes and self.x of its methods, then its
     bases' (those defined in the same code)."""
     found = [(n, k, d, seen) for n, (k, d) in _bindings(cls).items()]
@@ -1368,10 +1397,17 @@ except BaseException as e:
 _end(0)
 """
 _JS_BOOT = """const fs = require("fs"), one = Buffer.alloc(1); let head = "";
-while (!head.endsWith("\\n")) { if (fs.readSync(0, one, 0, 1) !== 1) process.exit(0); head += one.toString(); }
+while (!head.endsWith("\\n")) {
+  if (fs.readSync(0, one, 0, 1) !== 1) process.exit(0);
+  head += one.toString();
+}
 const src = Buffer.alloc(parseInt(head)); let got = 0;
-while (got < src.length) { const n = fs.readSync(0, src, got, src.length - got); if (!n) break; got += n; }
-fs.writeFileSync("main.js", src); process.argv[1] = require("path").resolve("main.js"); require(process.argv[1]);
+while (got < src.length) {
+  const n = fs.readSync(0, src, got, src.length - got); if (!n) break; got += n;
+}
+fs.writeFileSync("main.js", src);
+process.argv[1] = require("path").resolve("main.js");
+require(process.argv[1]);
 """
 
 
@@ -1457,7 +1493,8 @@ class Turns:
         if self.free and not self.waiting:
             self.free -= 1
             return self._start(source)
-        if sum(s == source for s, _ in self.waiting) >= self.per_source or len(self.waiting) >= self.total:
+        mine = sum(s == source for s, _ in self.waiting)
+        if mine >= self.per_source or len(self.waiting) >= self.total:
             raise PairError("too_busy", "too many runs waiting; try again shortly", 429)
         turn = (source, asyncio.get_running_loop().create_future())
         self.waiting.append(turn)
@@ -1501,7 +1538,8 @@ class Runner:
         self.bwrap = bwrap if config.sandbox != "none" else None
         self.seccomp = _seccomp_filter()  #: the program bwrap loads, if any
         python = os.path.realpath(config.python or sys.executable)
-        self.languages = {"python": Language("python", python, [python, "-I", "-u", "-c", _PY_BOOT])}
+        argv = [python, "-I", "-u", "-c", _PY_BOOT]
+        self.languages = {"python": Language("python", python, argv)}
         if node := shutil.which("node"):
             node = os.path.realpath(node)
             self.languages["javascript"] = Language("javascript", node, [node, "-e", _JS_BOOT])
@@ -1518,17 +1556,19 @@ class Runner:
     async def start(self) -> None:
         """Find a writable cgroup, check that bwrap works here, fill the pools."""
         self._cgroup_base = _make_cgroup_base()
-        if self.bwrap and not await self._works() and not (self.seccomp and await self._works(False)):
+        works = self.bwrap and (await self._works() or self.seccomp and await self._works(False))
+        if self.bwrap and not works:
             if self.config.sandbox == "bwrap":
                 raise RuntimeError("--sandbox bwrap: bwrap cannot create a sandbox on this machine")
             self.bwrap = None
         if self.bwrap and not self.seccomp:
             log.warning("runs are isolated, but their socket families are not filtered (no seccomp "
-                        "filter for %s, or it would not load): AF_VSOCK may reach the host", _MACHINE)
+                        "filter for %s, or it did not load): AF_VSOCK may reach the host", _MACHINE)
         if not self.bwrap:
             log.warning("runs are NOT isolated from this machine (no working bwrap): only resource "
-                        "limits and the process-tree kill hold. apt-get install bubblewrap to isolate them.")
-        log.info("runs: %s sandbox, cgroup limits %s", self.sandbox, "on" if self._cgroup_base else "off")
+                        "limits and the process-tree kill hold. apt-get install bubblewrap.")
+        cgroups = "on" if self._cgroup_base else "off"
+        log.info("runs: %s sandbox, cgroup limits %s", self.sandbox, cgroups)
         for name in self.languages:
             for _ in range(self.config.pool):
                 self._refill(name)
@@ -1559,8 +1599,8 @@ class Runner:
         """What GET /languages says: the languages with versions, and the sandbox."""
         for lang in self.languages.values():
             if not lang.version:
-                proc = await asyncio.create_subprocess_exec(
-                    lang.executable, "--version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                proc = await asyncio.create_subprocess_exec(lang.executable, "--version",
+                                                            stdout=asyncio.subprocess.PIPE)
                 lang.version = (await proc.communicate())[0].decode().split()[-1].lstrip("v")
         return {"languages": [{"name": l.name, "version": l.version, "executable": l.executable}
                               for l in self.languages.values()], "sandbox": self.sandbox}
@@ -1611,8 +1651,9 @@ class Runner:
         output.feed(1, b"", final=True)
         output.feed(2, b"", final=True)
         self._discard(proc)
-        return {"output": output.text(), "stdout": output.text("stdout"), "stderr": output.text("stderr"),
-                "exitCode": status, "timedOut": killed and not done, "truncated": output.truncated,
+        return {"output": output.text(), "stdout": output.text("stdout"),
+                "stderr": output.text("stderr"), "exitCode": status,
+                "timedOut": killed and not done, "truncated": output.truncated,
                 "cancelled": cancelled in done and killed, "durationMs": round(duration * 1000, 1)}
 
     def _take(self, language: str) -> _Process:
@@ -1653,8 +1694,8 @@ class Runner:
         loop = asyncio.get_running_loop()
         try:
             await loop.subprocess_exec(
-                lambda: proc, *argv, cwd=proc.workdir, env=env, start_new_session=True, pass_fds=fds,
-                preexec_fn=functools.partial(_limit_child, self.config, proc.cgroups))
+                lambda: proc, *argv, cwd=proc.workdir, env=env, start_new_session=True,
+                pass_fds=fds, preexec_fn=functools.partial(_limit_child, self.config, proc.cgroups))
         finally:
             for fd in fds:
                 os.close(fd)
@@ -1664,8 +1705,9 @@ class Runner:
         a private /work and /tmp, its own pids, as an unprivileged user, and
         the seccomp filter read from seccomp_fd."""
         executable = argv[0]
-        args = [self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
-                "--uid", "65534", "--gid", "65534", "--ro-bind", "/usr", "/usr", "--proc", "/proc",
+        args = [self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns",
+                "--die-with-parent", "--new-session", "--uid", "65534", "--gid", "65534",
+                "--ro-bind", "/usr", "/usr", "--proc", "/proc",
                 "--dev", "/dev", "--size", str(self.config.max_file), "--tmpfs", "/tmp",
                 "--size", str(self.config.max_file), "--tmpfs", "/work", "--chdir", "/work"]
         for top in ("/bin", "/lib", "/lib64", "/sbin"):
@@ -1735,7 +1777,7 @@ def _seccomp_filter() -> bytes | None:
     if _MACHINE not in _SYSCALLS:
         return None
     arch, socket_nr, socketpair_nr, uring = _SYSCALLS[_MACHINE]
-    load, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+    load, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, |JGE|K, BPF_RET|K
     allow, kill, refuse = 0x7FFF0000, 0x80000000, 0x00050000  # refuse: SECCOMP_RET_ERRNO | errno
     program = [                                    # (code, jump if true, jump if false, k)
         (load, 0, 0, 4),                           # 0  the calling ABI
@@ -1762,7 +1804,7 @@ def _seccomp_filter() -> bytes | None:
 def _make_cgroup_base() -> list[Path]:
     """Folders for our runs' cgroups: v2's one tree, or v1's pids and memory
     trees; [] where none is writable (not root, or none mounted)."""
-    base = f"pairserver-{os.getpid()}-{secrets.token_hex(4)}"  # one per Runner: apps may share a process
+    base = f"pairserver-{os.getpid()}-{secrets.token_hex(4)}"  # one per Runner, not per process
     root, v2 = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/cgroup.controllers")
     v2 = v2.exists() and "pids" in v2.read_text()
     trees = [root / base] if v2 else [root / "pids" / base, root / "memory" / base]
@@ -1839,7 +1881,7 @@ class RateLimit:
 
     def __init__(self, per_minute: float, burst: int) -> None:
         self.rate, self.burst = per_minute / 60, burst
-        self.buckets: dict[str, tuple[float, float]] = {}  #: address -> (tokens, when), oldest first
+        self.buckets: dict[str, tuple[float, float]] = {}  #: address: (tokens, when), oldest first
 
     def take(self, address: str) -> None:
         """Spend a token of address's, or raise PairError (429) saying when one comes."""
@@ -1931,8 +1973,8 @@ def _require_isolation(app: web.Application) -> None:
     """Runs are served beyond loopback only when isolated, or when --sandbox none says so."""
     config = app[CONFIG]
     if not app[RUNNER].bwrap and config.sandbox != "none" and not _is_loopback(config.host):
-        raise PairError("runs_not_isolated", "this server cannot isolate runs (no working bwrap), so "
-                        "it runs code only when it listens on localhost; install bubblewrap, or "
+        raise PairError("runs_not_isolated", "this server cannot isolate runs (no working bwrap), "
+                        "so it runs code only when it listens on localhost; install bubblewrap, or "
                         "start it with --sandbox none to run code unisolated for everyone", 403)
 
 
@@ -1968,7 +2010,8 @@ async def create_room(request: web.Request) -> web.Response:
     """POST /rooms {language?, code?} -> 201 {roomId, language, code, version}"""
     body = await _json_body(request, optional=True)
     request.app[ROOM_LIMIT].take(request.remote or "")
-    room = request.app[ROOMS].create(_get(body, "language", str, "python"), _get(body, "code", str, ""))
+    language, code = _get(body, "language", str, "python"), _get(body, "code", str, "")
+    room = request.app[ROOMS].create(language, code)
     room.unused = True
     return web.json_response({"roomId": room.id, "language": room.language, "code": room.text,
                               "version": room.version}, status=201, dumps=_dumps)
@@ -1985,11 +2028,12 @@ async def autocomplete(request: web.Request) -> web.Response:
     code, language = _get(body, "code", str), _get(body, "language", str, "python")
     cursor, units = _get(body, "cursorPosition", int), to_units(code)
     if len(units) > request.app[CONFIG].max_code:
-        raise PairError("too_large", f"code exceeds {request.app[CONFIG].max_code} UTF-16 code units", 413)
+        raise PairError("too_large", f"code exceeds {request.app[CONFIG].max_code} units", 413)
     if _LONE.search(units):
         raise PairError("bad_request", "code holds half of a surrogate pair")
     if not 0 <= cursor <= len(units) or splits_pair(units, cursor):
-        raise PairError("bad_request", f"cursorPosition {cursor} is outside the text or inside a character")
+        raise PairError("bad_request", f"cursorPosition {cursor} is outside the text or splits a "
+                        "character")
     answer = await complete(request.app, code, len(from_units(units[:cursor])), language)
     span = len(to_units(code[:answer["from"]]))  # back to UTF-16 units
     return web.json_response({**answer, "from": span, "to": cursor})
@@ -2000,8 +2044,8 @@ async def execute(request: web.Request) -> web.Response:
     _require_isolation(request.app)
     config, body = request.app[CONFIG], await _json_body(request)
     code, stdin = _get(body, "code", str), _get(body, "stdin", str, "")
-    if max(len(code.encode("utf-8", "replace")), len(stdin.encode("utf-8", "replace"))) > config.max_source:
-        raise PairError("too_large", f"code and stdin may each have at most {config.max_source} bytes", 413)
+    if max(len(text.encode("utf-8", "replace")) for text in (code, stdin)) > config.max_source:
+        raise PairError("too_large", f"code and stdin may each have {config.max_source} bytes", 413)
     timeout = _get(body, "timeout", (int, float), config.timeout)
     if not (math.isfinite(timeout) and timeout > 0):
         raise PairError("bad_request", "'timeout' must be a positive number of seconds")
@@ -2086,15 +2130,16 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         return ws
 
     name, room.unused = request.query.get("name", "")[:64] or client_id, False
-    client = Client(client_id, name, ws, request.transport, request.query.get("full") in ("1", "true"),
-                    send_queue=config.send_queue)
+    full = request.query.get("full") in ("1", "true")  # the whole text in every code_update
+    client = Client(client_id, name, ws, request.transport, full, send_queue=config.send_queue)
     room.clients[client_id] = client
     if old is not None:  # a reconnecting tab takes its place back; the others see no leave/join
         client.cursor = old.cursor
         rooms.spawn(old.ws.close(code=CLOSE_REPLACED, message=b"replaced"))
     client.send(_message("init", roomId=room.id, clientId=client_id, version=room.version,
                          code=room.text, language=room.language, execution=dict(room.execution),
-                         clients=[{**c.describe(), "cursor": c.cursor} for c in room.clients.values()]))
+                         clients=[{**c.describe(), "cursor": c.cursor}
+                                  for c in room.clients.values()]))
     if old is None:
         _broadcast(room, _message("user_joined", **client.describe()), skip=client)
     log.info("%s %s room %s", client_id, "rejoined" if old else "joined", room.id)
@@ -2103,7 +2148,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
             if msg.type is WSMsgType.TEXT:
                 _receive(request.app, room, client, msg.data)
             elif msg.type is WSMsgType.BINARY:
-                client.send(_message("error", code="bad_message", message="send JSON in text frames"))
+                client.send(_message("error", code="bad_message", message="send text frames"))
     finally:
         if room.clients.get(client_id) is client:
             del room.clients[client_id]
@@ -2148,7 +2193,8 @@ def _on_code_update(room: Room, client: Client, msg: dict, app: web.Application)
         client.send(_message("resync", version=room.version, code=room.text))
         return
     app[ROOMS].dirty.add(room.id)
-    update = {"type": "code_update", "version": room.version, "clientId": client.id, "changes": changes}
+    update = {"type": "code_update", "version": room.version, "clientId": client.id,
+              "changes": changes}
     if seq is not None:
         update["seq"] = seq
     plain, full = _frame(_dumps(update)), None
@@ -2159,7 +2205,8 @@ def _on_code_update(room: Room, client: Client, msg: dict, app: web.Application)
 
 
 def _on_cursor(room: Room, client: Client, msg: dict, app: web.Application) -> None:
-    cursor = room.set_cursor(client, _get(msg, "position", int), _get(msg, "selectionEnd", int, None))
+    position, end = _get(msg, "position", int), _get(msg, "selectionEnd", int, None)
+    cursor = room.set_cursor(client, position, end)
     shown = {k: v for k, v in cursor.items() if v is not None}
     _broadcast(room, _message("cursor", clientId=client.id, **shown), skip=client)
 
@@ -2335,11 +2382,13 @@ def _parser() -> argparse.ArgumentParser:
     """Flags for --port, --log-level and every Config field."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8765, help="port to listen on (default: 8765)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="what to log (default: INFO: rooms, joins, leaves, refusals; never code)")
+    levels = ("DEBUG", "INFO", "WARNING", "ERROR")
+    parser.add_argument("--log-level", default="INFO", choices=levels,
+                        help="what to log (default: INFO: rooms, joins, refusals; never code)")
     for f in dataclasses.fields(Config):
         default = ", ".join(f.default) if isinstance(f.default, tuple) else f.default
-        help = f.metadata["help"] + ("" if "default" in f.metadata["help"] else f" (default: {default})")
+        help = f.metadata["help"]
+        help += "" if "default" in help else f" (default: {default})"
         if isinstance(f.default, tuple):
             parser.add_argument("--" + f.name.replace("_", "-"), action="append", help=help)
         else:
@@ -2352,7 +2401,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args = vars(parser.parse_args(argv))
     port = args.pop("port")
-    logging.basicConfig(level=args.pop("log_level"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.pop("log_level"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token_made_up = not (args["admin_token"] or os.environ.get("PAIRSERVER_ADMIN_TOKEN"))
     try:
         app = create_app(**{k: v for k, v in args.items() if v is not None})
@@ -2374,7 +2424,7 @@ async def _serve(app: web.Application, port: int, show_token: bool) -> None:
     config, loop = app[CONFIG], asyncio.get_running_loop()
     loop.set_exception_handler(_once_per_episode(loop.get_exception_handler()))
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5,
-                           keepalive_timeout=config.header_timeout)  # also closes unfinished headers
+                           keepalive_timeout=config.header_timeout)  # and unfinished headers
     try:
         await runner.setup()
         _cap_connections(runner.server, config.max_connections_per_address)
@@ -2394,11 +2444,11 @@ def _banner(app: web.Application, port: int, show_token: bool) -> str:
     config = app[CONFIG]
     host = _lan_address() if config.host in ("0.0.0.0", "::", "") else \
         "localhost" if _is_loopback(config.host) else config.host
-    kept = f"rooms kept in {config.db}" if config.db else "rooms in memory: they end with the process"
+    kept = f"rooms kept in {config.db}" if config.db else "rooms in memory: they end with it"
     if app[RUNNER].bwrap:
         runs = "runs are isolated (bwrap sandbox)"
     elif config.sandbox == "none":
-        runs = "WARNING: runs are NOT isolated: code run here can read this machine's files and network"
+        runs = "WARNING: runs are NOT isolated: they can read this machine's files and network"
     else:
         runs = "runs are NOT isolated (no working bwrap: apt-get install bubblewrap)" + (
             "" if _is_loopback(config.host) else ", so other machines may not run code")
@@ -2447,7 +2497,7 @@ def _once_per_episode(previous: Callable | None) -> Callable:
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
         e = context.get("exception")
-        if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+        if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS):
             if time.monotonic() - last[0] > 60:
                 log.error("out of file descriptors or buffers (%s): new connections wait until "
                           "some close; said once until a minute passes without it", e)
