@@ -7,7 +7,7 @@ did not see, so no keystroke is lost and every screen ends with the same text.
 Code runs in sandboxed, pre-started interpreters; autocomplete reads the code's
 scopes with `ast`; rooms can be kept in SQLite or PostgreSQL. The contract it
 serves (REST routes, WebSocket messages, offsets in UTF-16 code units, error
-shapes) is SPEC.md; the demo page is static/index.html.
+shapes) is docs/protocol.md; the demo page is static/index.html.
 
 Run it::
 

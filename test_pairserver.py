@@ -6,10 +6,12 @@ process where a test needs signals."""
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import os
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -27,7 +29,8 @@ import pytest
 from aiohttp import web
 from hypothesis import given, settings, strategies as st
 
-from pairserver import (ROOMS, PairError, Room, Stale, apply, changes_to_op, compose, create_app,
+import pairserver
+from pairserver import (ROOMS, Config, PairError, Room, Stale, apply, changes_to_op, compose, create_app,
                         diff_to_op, from_units, invert, op_to_changes, suggest, to_units, transform)
 
 TOKEN = "test-token"
@@ -768,10 +771,27 @@ def free_port() -> int:
 def test_help_documents_every_flag():
     out = subprocess.run([sys.executable, str(HERE / "pairserver.py"), "--help"],
                          capture_output=True, text=True, check=True).stdout
-    for flag in ("--host", "--port", "--log-level", "--admin-token", "--cors-origin", "--max-code",
-                 "--max-message", "--max-rooms", "--max-clients", "--history", "--send-queue",
-                 "--heartbeat"):
-        assert flag in out
+    flags = ["--port", "--log-level"] + ["--" + f.name.replace("_", "-") for f in dataclasses.fields(Config)]
+    assert len(flags) > 30 and all(flag in out for flag in flags)
+    readme = (HERE / "README.md").read_text()
+    assert [flag for flag in flags if f"`{flag}`" not in readme] == []  # and the README's table
+
+
+def test_the_protocol_document_names_every_route_message_error_and_close_code():
+    doc, source = (HERE / "docs" / "protocol.md").read_text(), (HERE / "pairserver.py").read_text()
+    for route in create_app().router.routes():
+        path = route.resource.canonical
+        if route.method not in ("HEAD", "OPTIONS"):
+            assert (f"`{route.method} {path}`" if route.method != "GET" or "/ws/" not in path
+                    else path) in doc, (route.method, path)
+    sent = set(re.findall(r'_message\("(\w+)"', source)) | {"code_update"}
+    errors = set(re.findall(r'PairError\("(\w+)"', source))
+    assert sent and errors and pairserver._HANDLERS
+    for name in sent | set(pairserver._HANDLERS) | errors:
+        assert f"`{name}`" in doc, name
+    for code in (1001, 1009, pairserver.CLOSE_REPLACED, pairserver.CLOSE_BAD_CLIENT, pairserver.CLOSE_FORBIDDEN,
+                 pairserver.CLOSE_NO_ROOM, pairserver.CLOSE_FULL):
+        assert f"| {code} |" in doc, code
 
 
 async def test_sigterm_closes_sockets_with_1001_and_exits_cleanly(tmp_path):
