@@ -1947,7 +1947,7 @@ async def guard_middleware(request: web.Request, handler: Callable) -> web.Strea
     must be the server's own or of a --cors-origin; a POST body must be JSON,
     which no foreign page can send without a CORS preflight."""
     to = request.transport and request.transport.get_extra_info("sockname")
-    host = urlsplit("//" + request.host).hostname or ""
+    host = urlsplit("//" + request.headers.get("Host", "")).hostname or ""  # none: no name
     named = _is_loopback(host) or host in request.app[CONFIG].allow_host
     if isinstance(to, tuple) and _is_loopback(to[0]) and not named:
         raise PairError("forbidden_host", f"this server answers to localhost, not to {host!r}; "
@@ -1966,7 +1966,7 @@ def _origin_allowed(request: web.Request) -> bool:
     """No Origin (a script), the server's own pages, or a --cors-origin's."""
     origin, allowed = request.headers.get("Origin"), request.app[CONFIG].cors_origin
     return origin is None or "*" in allowed or origin in allowed \
-        or urlsplit(origin).netloc.lower() == request.host.lower()
+        or urlsplit(origin).netloc.lower() == request.headers.get("Host", "").lower()
 
 
 def _require_isolation(app: web.Application) -> None:
