@@ -143,6 +143,13 @@ ROOM_BURST = 10
 CLOSE_REPLACED, CLOSE_BAD_CLIENT, CLOSE_FORBIDDEN, CLOSE_NO_ROOM, CLOSE_FULL = \
     4000, 4400, 4403, 4404, 4429
 
+#: Where an app keeps its state, so that two apps in one process share nothing.
+CONFIG, STARTED = web.AppKey("config", Config), web.AppKey("started", float)
+ROOMS: web.AppKey[Rooms] = web.AppKey("rooms")  # the classes are defined below
+RUNNER: web.AppKey[Runner] = web.AppKey("runner")
+MODULES: web.AppKey[ModuleNames] = web.AppKey("modules")
+ROOM_LIMIT: web.AppKey[RateLimit] = web.AppKey("room_limit")
+
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 _LANGUAGE = re.compile(r"[a-z0-9+#_-]{1,32}\Z")
 
@@ -1869,13 +1876,6 @@ def _rmdir_all(path: Path, retries: int = 0) -> bool:
 # HTTP handlers and the one JSON error path
 # ---------------------------------------------------------------------------
 
-ROOMS = web.AppKey("rooms", Rooms)
-CONFIG = web.AppKey("config", Config)
-STARTED = web.AppKey("started", float)
-RUNNER = web.AppKey("runner", Runner)
-MODULES = web.AppKey("modules", ModuleNames)
-
-
 class RateLimit:
     """A token bucket per client address: `per_minute` tokens a minute, `burst` at most."""
 
@@ -1894,9 +1894,6 @@ class RateLimit:
         if self.rate and tokens < 1:
             raise PairError("too_many_requests", "too many rooms made from this address; wait a "
                             "little", 429, retry_after=math.ceil((1 - tokens) / self.rate))
-
-
-ROOM_LIMIT = web.AppKey("room_limit", RateLimit)
 
 
 def error_response(status: int, code: str, message: str, **headers: str) -> web.Response:
