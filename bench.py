@@ -3,6 +3,7 @@
     python bench.py collab [--rooms 50 --clients 6 --rate 5 --seconds 10] [--db sqlite --db postgres]
     python bench.py execute [--runs 50 --seconds 10]
     python bench.py autocomplete [--files 25 --per-file 8 --seed 7]
+    python bench.py hostile
 
 collab: R rooms x C clients, each client typing one character at a steady
 rate over a real WebSocket. It reports edit->peer latency (from a client
@@ -22,11 +23,17 @@ read keeps its first one or two letters and the rest of its line is dropped,
 as a person typing would leave it. Top-1, top-5 and mean reciprocal rank per
 kind of name, and latency, for pairserver's suggest() and for Jedi (installed
 for the benchmark only) on the same cases.
+
+hostile: the CPU time of suggest() on 1 MB texts made to be slow (lines of
+brackets, dots, quotes, names, thousands of short lines, broken lines), at the
+end and in the middle, the first time and again, beside the same on the
+standard library's typing.py; the target is 50 ms for any text.
 """
 
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import os
 import random
@@ -476,6 +483,59 @@ def autocomplete(args: argparse.Namespace) -> None:
     print(f"p50 latency pairserver / jedi: {ratio:.3f} (target <= 0.05)")
 
 
+def hostile(args: argparse.Namespace) -> None:
+    import sysconfig
+    import pairserver
+    m = 1_000_000
+    texts = {"name line": "a" * m, "name line, dot": "a" * (m - 1) + ".", "dots": "a." * (m // 2),
+             "brackets": "(" * m, "newlines": "\n" * m, "x lines": "x\n" * (m // 2),
+             "assignments": "value = 1\n" * (m // 10), "quotes": "'\"" * (m // 2),
+             "triple quotes": "'''a" * (m // 4), "from import (": "from os import (" + "a,\n" * (m // 3),
+             "spaces, dot": "a" + " " * (m - 2) + ".", "calls": "f(" * (m // 4),
+             "defs": "def f():\n    pass\n" * (m // 18), "broken ifs": "if x\n" * (m // 5),
+             "comment": "#" * m}
+
+    def cpu_ms(code: str, cursor: int) -> float:
+        started = time.process_time()
+        pairserver.suggest(code, cursor)
+        return (time.process_time() - started) * 1000
+
+    typing = Path(sysconfig.get_paths()["stdlib"], "typing.py").read_text()
+    baseline = statistics.median(cpu_ms(typing, len(typing) * i // 10) for i in range(1, 10))
+    print(f"hostile: suggest() CPU ms on 1 MB texts; typing.py ({len(typing):,} chars) "
+          f"p50 {baseline:.1f} ms")
+    worst = 0.0
+    for name, code in texts.items():
+        for where, cursor in (("end", len(code)), ("middle", len(code) // 2)):
+            first, again = cpu_ms(code, cursor), cpu_ms(code, cursor)
+            worst = max(worst, first, again)
+            print(f"{name:16} {where:7} first {first:7.1f}   again {again:7.1f}")
+    print(f"worst {worst:.1f} ms = {worst / baseline:.1f}x typing.py's (target <= 50 ms)")
+    port = free_port()
+    proc = start("pairserver", port, "--pool", "0")
+    try:
+        before, after = asyncio.run(completion_memory(proc, port))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    print(f"server memory: {before / 1024:.0f} MiB at start, {after / 1024:.0f} MiB after completing "
+          "in six 700 KB files at nine places each (caches bounded at 64 MiB)")
+
+
+async def completion_memory(proc: subprocess.Popen, port: int) -> tuple[int, int]:
+    """The server's RSS before and after completing in six big files."""
+    files = ["".join(f"def f{i}_{n}(a, b):\n    return a + b * {n}\n" for n in range(16_000))
+             for i in range(6)]
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+        before = rss_kib(proc.pid)
+        for code in files:
+            for cursor in range(0, len(code), len(code) // 8):
+                body = json.dumps({"code": code, "cursorPosition": cursor}).encode()
+                await http.post("/autocomplete", data=io.BytesIO(body),
+                                headers={"Content-Type": "application/json"})
+        return before, rss_kib(proc.pid)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="name", required=True)
@@ -495,13 +555,15 @@ def main() -> None:
     a.add_argument("--files", type=int, default=25)
     a.add_argument("--per-file", type=int, default=8)
     a.add_argument("--seed", type=int, default=7)
+    sub.add_parser("hostile", help="autocomplete's CPU time on texts made to be slow")
     r = sub.add_parser("relay", help="run the bare relay (the baseline) alone")
     r.add_argument("--port", type=int, default=8766)
     args = parser.parse_args()
     if args.name == "relay":
         web.run_app(relay_app(), port=args.port, print=None, access_log=None)
     else:
-        {"collab": collab, "execute": execute, "autocomplete": autocomplete}[args.name](args)
+        {"collab": collab, "execute": execute, "autocomplete": autocomplete,
+         "hostile": hostile}[args.name](args)
 
 
 if __name__ == "__main__":
