@@ -488,6 +488,7 @@ class Room:
     execution: dict = field(default_factory=lambda: {"running": False, "clientId": None})
     cancel: asyncio.Event | None = None  #: set to stop the room's run
     unused: bool = False               #: made by POST /rooms and never joined yet
+    changed: bool = True               #: since a store last wrote it (see _flush)
     created_at: str = field(default_factory=_now)
     updated_at: str = field(default_factory=_now)
 
@@ -549,13 +550,18 @@ class Room:
     def _remember(self, op: Op, deleted: list[str]) -> None:
         """Record op in the bounded history, which also holds at most a few
         texts' worth of units so that huge pastes cannot pile up."""
-        self.version += 1
-        self.updated_at = _now()
+        self.version, self.updated_at, self.changed = self.version + 1, _now(), True
         self.history.append((op, deleted))
         self.history_units += _weight(op, deleted)
         while len(self.history) > self.history_size or (
                 self.history_units > 4 * self.max_code and len(self.history) > 1):
             self.history_units -= _weight(*self.history.popleft())
+
+    def set_language(self, language: str) -> None:
+        """Set the room's language, a short lowercase name such as 'python'."""
+        if not _LANGUAGE.match(language):
+            raise PairError("bad_request", "'language' must be a short lowercase name, as 'python'")
+        self.language, self.changed = language, True
 
     def set_cursor(self, client: Client, position: int, selection_end: int | None) -> dict:
         """Store a client's cursor, clamped into the text."""
@@ -596,8 +602,7 @@ class Rooms:
         self.config = config
         self._rooms: dict[str, Room] = {}
         self._tasks: set[asyncio.Task] = set()  # held here so that they are not collected
-        self.dirty: set[str] = set()  #: ids of rooms changed since the store last saw them
-        self.gone: set[str] = set()   #: ids of rooms removed since then
+        self.gone: set[str] = set()  #: ids of rooms removed since a store last wrote
 
     def __repr__(self) -> str:
         return f"<Rooms {len(self._rooms)} rooms, {self.connections} connections>"
@@ -622,17 +627,15 @@ class Rooms:
         """Make a room with an unguessable id (128 random bits)."""
         if len(self._rooms) >= self.config.max_rooms:
             raise PairError("too_many_rooms", f"at most {self.config.max_rooms} rooms here", 429)
-        if not _LANGUAGE.match(language):
-            raise PairError("bad_request", "'language' must be a short lowercase name, as 'python'")
         text = to_units(code)
         if len(text) > self.config.max_code:
             raise PairError("too_large", f"code exceeds {self.config.max_code} UTF-16 units", 413)
         if _LONE.search(text):
             raise PairError("bad_request", "code holds half of a surrogate pair")
-        room = Room(secrets.token_urlsafe(16), language, text, max_code=self.config.max_code,
+        room = Room(secrets.token_urlsafe(16), text=text, max_code=self.config.max_code,
                     history_size=self.config.history)
+        room.set_language(language)
         self._rooms[room.id] = room
-        self.dirty.add(room.id)
         log.info("room %s created (%s, %d units)", room.id, language, len(text))
         return room
 
@@ -641,7 +644,7 @@ class Rooms:
         for room_id, language, code, version, created_at, updated_at in rows:
             self._rooms[room_id] = Room(room_id, language, to_units(code), version,
                                         self.config.max_code, self.config.history,
-                                        created_at=created_at, updated_at=updated_at)
+                                        created_at=created_at, updated_at=updated_at, changed=False)
         log.info("%d rooms restored", len(rows))
 
     def expire(self, ttl: float, unused_ttl: float) -> None:
@@ -657,7 +660,6 @@ class Rooms:
 
     def _forget(self, room_id: str) -> Room | None:
         """Remove a room from memory, and from the store at its next write."""
-        self.dirty.discard(room_id)
         self.gone.add(room_id)
         return self._rooms.pop(room_id, None)
 
@@ -784,15 +786,18 @@ async def _write_behind(rooms: Rooms, store: SqliteStore | PostgresStore, stop: 
 async def _flush(rooms: Rooms, store: SqliteStore | PostgresStore, failing: bool = False) -> bool:
     """Write what changed; on failure keep it for the next try and say so
     once per episode. Returns whether the store is failing."""
-    dirty, gone, rooms.dirty, rooms.gone = rooms.dirty, rooms.gone, set(), set()
-    if not dirty and not gone:
+    changed, gone, rooms.gone = [room for room in rooms if room.changed], rooms.gone, set()
+    if not changed and not gone:
         return failing
-    rows = [room.row() for room_id in dirty if (room := rooms.get(room_id))]
+    for room in changed:  # a change made while writing marks it again
+        room.changed = False
+    rows = [room.row() for room in changed]
     try:
         await store.save(rows, list(gone))
     except Exception as e:  # noqa: BLE001 - any store error: the rooms carry on in memory
-        rooms.dirty |= dirty
-        rooms.gone |= gone - rooms.dirty
+        for room in changed:
+            room.changed = True
+        rooms.gone |= gone
         if not failing:
             log.error("cannot write rooms to %r (%s); serving from memory, retrying each second",
                       store, e)
@@ -2191,7 +2196,6 @@ def _on_code_update(room: Room, client: Client, msg: dict, app: web.Application)
     except Stale:
         client.send(_message("resync", version=room.version, code=room.text))
         return
-    app[ROOMS].dirty.add(room.id)
     update = {"type": "code_update", "version": room.version, "clientId": client.id,
               "changes": changes}
     if seq is not None:
@@ -2212,10 +2216,7 @@ def _on_cursor(room: Room, client: Client, msg: dict, app: web.Application) -> N
 
 def _on_language(room: Room, client: Client, msg: dict, app: web.Application) -> None:
     language = _get(msg, "language", str)
-    if not _LANGUAGE.match(language):
-        raise PairError("bad_request", "'language' must be a short lowercase name such as 'python'")
-    room.language = language
-    app[ROOMS].dirty.add(room.id)
+    room.set_language(language)
     _broadcast(room, _message("language", language=language, clientId=client.id))
 
 
@@ -2300,7 +2301,7 @@ async def _storage_lifetime(app: web.Application):
         return
     store = PostgresStore(config.db) if config.db.startswith(("postgres://", "postgresql://")) \
         else SqliteStore(config.db)
-    rooms.restore(await store.load())  # rooms an embedding script made already stay dirty: written
+    rooms.restore(await store.load())  # rooms an embedding script made stay changed: written
     stop = asyncio.Event()
     writer = asyncio.get_running_loop().create_task(_write_behind(rooms, store, stop))
     yield
@@ -2325,7 +2326,7 @@ async def _expiry_lifetime(app: web.Application):
             await asyncio.sleep(min(60, *ttls) / 2)
             rooms.expire(config.room_ttl, config.unused_room_ttl)
             if not config.db:  # nobody writes them
-                rooms.dirty.clear(), rooms.gone.clear()
+                rooms.gone.clear()
 
     task = asyncio.get_running_loop().create_task(expire()) if ttls else None
     yield

@@ -392,11 +392,16 @@ async def test_rooms_survive_a_graceful_restart_and_versions_continue(db):
     async with aiohttp.ClientSession() as http:
         room = (await (await http.post(f"{server.url}/rooms", json={"code": "# notes\n"})).json())["roomId"]
         version = await type_lines(http, server.url, room, "alice", [f"line {i} 😀\n" for i in range(30)])
+        ws = await http.ws_connect(f"{server.url.replace('http', 'ws')}/ws/{room}/carol")
+        assert (await ws.receive_json(timeout=5))["type"] == "init"
+        await ws.send_json({"type": "language", "language": "python3"})  # kept like an edit
+        assert (await next_of(ws, "language"))["language"] == "python3"
+        await ws.close()
         assert await server.stop() == 0
         server = await Server.start("--db", db, port=server.port)
         state = await (await http.get(f"{server.url}/rooms/{room}")).json()
         assert state["code"] == "# notes\n" + "".join(f"line {i} 😀\n" for i in range(30))
-        assert state["version"] == version == 30
+        assert state["version"] == version == 30 and state["language"] == "python3"
         # both come back and type at once: versions go on, and they converge
         alice = await http.ws_connect(f"{server.url.replace('http', 'ws')}/ws/{room}/alice")
         bob = await http.ws_connect(f"{server.url.replace('http', 'ws')}/ws/{room}/bob")
