@@ -700,79 +700,71 @@ _LOAD = "SELECT id, language, code, version, created_at, updated_at FROM pairser
 _DROP = "DELETE FROM pairserver_rooms WHERE id = ?"
 
 
-class SqliteStore:
-    """Rooms in an SQLite file (WAL mode), written from a thread so that the
-    event loop never waits on the disk."""
+class Store:
+    """Rooms in an SQLite file (WAL mode, written from a thread so that the event
+    loop never waits on the disk) or in PostgreSQL (through asyncpg, imported
+    only for this): `where` is a path or a postgresql:// URL."""
 
-    def __init__(self, path: str) -> None:
-        self.path, self.db = path, None
+    def __init__(self, where: str) -> None:
+        self.where, self.db = where, None  #: an sqlite3 connection, or an asyncpg pool
+        self.postgres = where.startswith(("postgres://", "postgresql://"))
+        self.shown = re.sub(r"://[^@/]*@", "://...@", where)  #: where, without a password
 
     def __repr__(self) -> str:
-        return f"<SqliteStore {self.path}>"
+        return f"<Store {self.shown}>"
 
     async def load(self) -> list[tuple]:
-        return await asyncio.to_thread(self._load)
-
-    def _load(self) -> list[tuple]:
+        """Open the store, make its table if need be, and read every room."""
+        if not self.postgres:
+            return await asyncio.to_thread(self._load_sqlite)
+        import asyncpg
         try:
-            self.db = sqlite3.connect(self.path, timeout=0.5, check_same_thread=False)
+            self.db = await asyncpg.create_pool(self.where, min_size=1, max_size=2, timeout=10)
+            async with self.db.acquire() as db:
+                await db.execute(_SCHEMA)
+                return [tuple(row) for row in await db.fetch(_LOAD)]
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, ValueError) as e:
+            raise RuntimeError(f"--db {self.shown}: {e}") from None
+
+    def _load_sqlite(self) -> list[tuple]:
+        try:
+            self.db = sqlite3.connect(self.where, timeout=0.5, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses nothing written
             with self.db:
                 self.db.execute(_SCHEMA)
             return self.db.execute(_LOAD).fetchall()
         except sqlite3.Error as e:
-            raise RuntimeError(f"--db {self.path}: {e}") from None
+            raise RuntimeError(f"--db {self.shown}: {e}") from None
 
     async def save(self, rows: list[tuple], gone: list[str]) -> None:
-        await asyncio.to_thread(self._save, rows, gone)
+        """Write the changed rooms and drop the removed ones, in one transaction."""
+        gone_rows = [(room_id,) for room_id in gone]
+        if not self.postgres:
+            return await asyncio.to_thread(self._save_sqlite, rows, gone_rows)
+        async with self.db.acquire(timeout=5) as db, db.transaction():
+            await db.executemany(_numbered(_SAVE), rows)
+            await db.executemany(_numbered(_DROP), gone_rows)
 
-    def _save(self, rows: list[tuple], gone: list[str]) -> None:
-        with self.db:  # one transaction
+    def _save_sqlite(self, rows: list[tuple], gone_rows: list[tuple]) -> None:
+        with self.db:
             self.db.executemany(_SAVE, rows)
-            self.db.executemany(_DROP, [(room_id,) for room_id in gone])
+            self.db.executemany(_DROP, gone_rows)
 
     async def close(self) -> None:
-        if self.db:
+        if self.postgres and self.db:
+            await self.db.close()
+        elif self.db:
             self.db.close()
 
 
-class PostgresStore:
-    """Rooms in PostgreSQL through asyncpg, which is imported only for this."""
-
-    def __init__(self, url: str) -> None:
-        self.url, self.pool = url, None
-
-    def __repr__(self) -> str:
-        return f"<PostgresStore {re.sub(r'://[^@/]*@', '://...@', self.url)}>"
-
-    @staticmethod
-    def _sql(query: str) -> str:
-        """SQLite's ? placeholders as PostgreSQL's $1, $2, ..."""
-        numbers = iter(range(1, 100))
-        return re.sub(r"\?", lambda _: f"${next(numbers)}", query)
-
-    async def load(self) -> list[tuple]:
-        import asyncpg
-        try:
-            self.pool = await asyncpg.create_pool(self.url, min_size=1, max_size=2, timeout=10)
-            async with self.pool.acquire() as db:
-                await db.execute(_SCHEMA)
-                return [tuple(row) for row in await db.fetch(_LOAD)]
-        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, ValueError) as e:
-            raise RuntimeError(f"--db {self!r}: {e}") from None
-
-    async def save(self, rows: list[tuple], gone: list[str]) -> None:
-        async with self.pool.acquire(timeout=5) as db, db.transaction():
-            await db.executemany(self._sql(_SAVE), rows)
-            await db.executemany(self._sql(_DROP), [(room_id,) for room_id in gone])
-
-    async def close(self) -> None:
-        if self.pool:
-            await self.pool.close()
+def _numbered(query: str) -> str:
+    """SQLite's ? placeholders as PostgreSQL's $1, $2, ..."""
+    numbers = itertools.count(1)
+    return re.sub(r"\?", lambda _: f"${next(numbers)}", query)
 
 
-async def _write_behind(rooms: Rooms, store: SqliteStore | PostgresStore, stop: asyncio.Event):
+async def _write_behind(rooms: Rooms, store: Store, stop: asyncio.Event) -> None:
     """Each second until stop is set, write the rooms changed since the last
     write. (Stopped between writes, never cancelled inside one, whose thread
     would go on.)"""
@@ -783,7 +775,7 @@ async def _write_behind(rooms: Rooms, store: SqliteStore | PostgresStore, stop: 
         failing = await _flush(rooms, store, failing)
 
 
-async def _flush(rooms: Rooms, store: SqliteStore | PostgresStore, failing: bool = False) -> bool:
+async def _flush(rooms: Rooms, store: Store, failing: bool = False) -> bool:
     """Write what changed; on failure keep it for the next try and say so
     once per episode. Returns whether the store is failing."""
     changed, gone, rooms.gone = [room for room in rooms if room.changed], rooms.gone, set()
@@ -2299,8 +2291,7 @@ async def _storage_lifetime(app: web.Application):
     if not config.db:
         yield
         return
-    store = PostgresStore(config.db) if config.db.startswith(("postgres://", "postgresql://")) \
-        else SqliteStore(config.db)
+    store = Store(config.db)
     rooms.restore(await store.load())  # rooms an embedding script made stay changed: written
     stop = asyncio.Event()
     writer = asyncio.get_running_loop().create_task(_write_behind(rooms, store, stop))
