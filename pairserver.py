@@ -434,7 +434,10 @@ class Client:
     ready-made WebSocket frames: one bytes object per broadcast serves every
     socket, and no task or queue is kept per socket. The transport's buffer is
     the outgoing queue, bounded: a socket that falls too far behind is
-    dropped (it can reconnect and get `init`) so that it stalls nobody else."""
+    dropped (it can reconnect and get `init`) so that it stalls nobody else.
+    This is safe beside aiohttp's own writer (pings, pongs, the close frame):
+    both write whole frames from the one event-loop thread, so they never
+    interleave, and aiohttp's frames are unmasked and uncompressed like ours."""
 
     id: str
     name: str
@@ -2154,7 +2157,9 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 
 
 def _receive(app: web.Application, room: Room, client: Client, data: str) -> None:
-    """Handle one message from a client; a refusal goes back to it alone."""
+    """Handle one message from a client; a refusal goes back to it alone.
+    This and every _on_* handler are synchronous (they never await), so the
+    room's updates are applied in the order they arrive; a run is spawned."""
     seq = None
     try:
         try:
