@@ -605,7 +605,8 @@ class Rooms:
         self.config = config
         self._rooms: dict[str, Room] = {}
         self._tasks: set[asyncio.Task] = set()  # held here so that they are not collected
-        self.gone: set[str] = set()  #: ids of rooms removed since a store last wrote
+        #: ids of rooms removed since the store last wrote; None: no store to tell
+        self.gone: set[str] | None = set() if config.db else None
 
     def __repr__(self) -> str:
         return f"<Rooms {len(self._rooms)} rooms, {self.connections} connections>"
@@ -663,7 +664,8 @@ class Rooms:
 
     def _forget(self, room_id: str) -> Room | None:
         """Remove a room from memory, and from the store at its next write."""
-        self.gone.add(room_id)
+        if self.gone is not None:
+            self.gone.add(room_id)
         return self._rooms.pop(room_id, None)
 
     def get(self, room_id: str) -> Room | None:
@@ -773,9 +775,9 @@ async def _write_behind(rooms: Rooms, store: Store, stop: asyncio.Event) -> None
     would go on.)"""
     failing = False
     while not stop.is_set():
+        failing = await _flush(rooms, store, failing)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), 1)
-        failing = await _flush(rooms, store, failing)
 
 
 async def _flush(rooms: Rooms, store: Store, failing: bool = False) -> bool:
@@ -2321,8 +2323,6 @@ async def _expiry_lifetime(app: web.Application):
         while True:
             await asyncio.sleep(min(60, *ttls) / 2)
             rooms.expire(config.room_ttl, config.unused_room_ttl)
-            if not config.db:  # nobody writes them
-                rooms.gone.clear()
 
     task = asyncio.get_running_loop().create_task(expire()) if ttls else None
     yield
