@@ -299,7 +299,7 @@ def cold_starts(runs: int) -> list[float]:
     import pairserver
     config = pairserver.Config()
     runner = pairserver.Runner(config)
-    python = runner.languages["python"].executable
+    python = runner.languages["python"][0]
     argv = [python, "-I", "-u", "-c", "print('hi')"]
     argv = runner.sandboxed(argv) if runner.bwrap else argv
     times = []

@@ -30,7 +30,6 @@ import builtins
 import codecs
 import collections
 import contextlib
-import dataclasses
 import errno
 import functools
 import hmac
@@ -52,8 +51,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -123,6 +121,9 @@ MAX_CHANGES = 10_000
 #: of text times updates missed, to rebuild an old text for a whole-text
 #: update; components of the history and the update times updates missed, to rebase.
 REBUILD_COST, REBASE_COST = 50_000_000, 200_000
+#: A room's history holds at most this many texts' worth of units (huge pastes
+#: cannot pile up); a run's output is sent at most once per stream in this time.
+HISTORY_TEXTS, OUTPUT_BATCH_SECONDS = 4, 0.05
 
 #: Autocomplete reads at most these characters and lines before and after the
 #: cursor, so that a request costs a bounded time however long the text.
@@ -152,6 +153,7 @@ ROOM_LIMIT: web.AppKey[RateLimit] = web.AppKey("room_limit")
 
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 _LANGUAGE = re.compile(r"[a-z0-9+#_-]{1,32}\Z")
+_REQUIRED = object()  #: _field()'s default: no default
 
 
 def _now() -> str:
@@ -174,10 +176,7 @@ class PairError(Exception):
         self.code, self.message, self.status, self.retry_after = code, message, status, retry_after
 
 
-_REQUIRED = object()
-
-
-def _get(obj: dict, key: str, kind: type | tuple, default: Any = _REQUIRED,
+def _field(obj: dict, key: str, kind: type | tuple, default: Any = _REQUIRED,
          code: str = "bad_request") -> Any:
     """obj[key], checked to be a `kind` (bool is not an int here)."""
     value, kinds = obj.get(key, default), kind if isinstance(kind, tuple) else (kind,)
@@ -189,8 +188,22 @@ def _get(obj: dict, key: str, kind: type | tuple, default: Any = _REQUIRED,
     return value
 
 
+async def _json_body(request: web.Request, optional: bool = False) -> dict:
+    """The request's JSON object body; {} for an absent optional one."""
+    raw = await request.read()  # over client_max_size: 413 through the middleware
+    if optional and not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
+        raise PairError("bad_json", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise PairError("bad_json", "the body must be a JSON object")
+    return body
+
+
 # ---------------------------------------------------------------------------
-# Text in UTF-16 code units: to_units, from_units, splits_pair
+# Text and operations: UTF-16 units; compose, transform, apply, invert; change lists
 # ---------------------------------------------------------------------------
 # Clients count offsets in UTF-16 code units. Rather than convert every offset,
 # a room keeps its text *as* UTF-16 code units: a Python str in which each
@@ -198,17 +211,18 @@ def _get(obj: dict, key: str, kind: type | tuple, default: Any = _REQUIRED,
 # slice and len() is already in the clients' units.
 
 _ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
 _LONE = re.compile("[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]")
 
 
-def _pair(match: re.Match) -> str:
+def _surrogates(match: re.Match) -> str:
     c = ord(match.group()) - 0x10000
     return chr(0xD800 + (c >> 10)) + chr(0xDC00 + (c & 0x3FF))
 
 
 def to_units(s: str) -> str:
     """Write s with surrogate pairs for astral characters, so len() counts UTF-16 units."""
-    return s if s.isascii() else _ASTRAL.sub(_pair, s)
+    return s if s.isascii() else _ASTRAL.sub(_surrogates, s)
 
 
 def from_units(s: str) -> str:
@@ -216,15 +230,21 @@ def from_units(s: str) -> str:
     return s if s.isascii() else s.encode("utf-16-le", "surrogatepass").decode("utf-16-le")
 
 
+def checked_units(code: str, max_code: int) -> str:
+    """code in UTF-16 units; PairError if longer than max_code or holding half a pair."""
+    units = to_units(code)
+    if len(units) > max_code:
+        raise PairError("too_large", f"code exceeds {max_code} UTF-16 code units", 413)
+    if _LONE.search(units):
+        raise PairError("bad_request", "code holds half of a surrogate pair")
+    return units
+
+
 def splits_pair(text: str, i: int) -> bool:
     """True if position i falls between the two halves of a surrogate pair."""
-    return 0 < i < len(text) and "\ud800" <= text[i - 1] <= "\udbff" \
-        and "\udc00" <= text[i] <= "\udfff"
+    return 0 < i < len(text) and _PAIR.fullmatch(text, i - 1, i + 1) is not None
 
 
-# ---------------------------------------------------------------------------
-# Operations: compose, transform, apply, invert, and the SPEC's change lists
-# ---------------------------------------------------------------------------
 # An operation walks a whole text from start to end, as in ot.js: an int n > 0
 # keeps n units, an int n < 0 deletes -n units, a str inserts itself.
 # Transforming one operation over another keeps every insert of both: a delete
@@ -240,12 +260,14 @@ def _push(op: Op, c: int | str) -> None:
     keeping an insert before a delete at the same place."""
     if not c:
         return
-    if op and isinstance(c, str) and isinstance(op[-1], int) and op[-1] < 0:
-        deleted = op.pop()
+    last = op[-1] if op else None
+    after_delete = isinstance(last, int) and last < 0
+    if isinstance(c, str) and after_delete:
+        op.pop()
         _push(op, c)
-        op.append(deleted)
-    elif op and type(op[-1]) is type(c) and (isinstance(c, str) or (op[-1] > 0) == (c > 0)):
-        op[-1] += c
+        op.append(last)
+    elif type(last) is type(c) and (isinstance(c, str) or (last > 0) == (c > 0)):
+        op[-1] += c  # two inserts, two keeps or two deletes
     else:
         op.append(c)
 
@@ -253,10 +275,6 @@ def _push(op: Op, c: int | str) -> None:
 def _shrink(c: int | str, n: int) -> int | str:
     """What is left of component c after its first n units."""
     return c[n:] if isinstance(c, str) else (c - n if c > 0 else c + n)
-
-
-def _span(c: int | str) -> int:
-    return len(c) if isinstance(c, str) else abs(c)
 
 
 def compose(a: Op, b: Op) -> Op:
@@ -273,7 +291,7 @@ def compose(a: Op, b: Op) -> Op:
             y = next(ib, None)
         else:
             assert x is not None and y is not None, "operation lengths differ"
-            n = min(_span(x), _span(y))
+            n = min(len(x) if isinstance(x, str) else x, abs(y))  # a keeps or inserts here
             if y > 0:                               # b keeps what a kept or inserted
                 _push(out, x[:n] if isinstance(x, str) else n)
             elif isinstance(x, int):                # b deletes what a kept
@@ -335,8 +353,8 @@ def changes_to_op(changes: list, length: int) -> Op:
     for change in changes:
         if not isinstance(change, dict):
             raise PairError("bad_change", "each change must be an object")
-        start, end = (_get(change, key, int, code="bad_change") for key in ("from", "to"))
-        insert = to_units(_get(change, "insert", str, "", code="bad_change"))
+        start, end = (_field(change, key, int, code="bad_change") for key in ("from", "to"))
+        insert = to_units(_field(change, "insert", str, "", code="bad_change"))
         if not 0 <= start <= end <= length:
             raise PairError("bad_change", f"change {start}..{end} is outside the text ({length})")
         steps.append([])
@@ -443,7 +461,7 @@ class Client:
     name: str
     ws: web.WebSocketResponse | None = None
     transport: asyncio.Transport | None = None
-    full: bool = False                 #: wants the whole text in every code_update
+    wants_code: bool = False           #: wants the whole text in every code_update
     cursor: dict | None = None
     send_queue: int = 4 << 20
 
@@ -471,6 +489,17 @@ def _frame(text: str) -> bytes:
     return head + data
 
 
+def _message(type: str, **fields: Any) -> bytes:
+    return _frame(_dumps({"type": type, **fields}))
+
+
+def _broadcast(room: Room, frame: bytes, skip: Client | None = None) -> None:
+    """Send one frame to the room's sockets: encoded once, not per socket."""
+    for client in list(room.clients.values()):
+        if client is not skip:
+            client.send(frame)
+
+
 @dataclass(eq=False)
 class Room:
     """One shared text, its version, recent history, and who is connected.
@@ -485,7 +514,7 @@ class Room:
     max_code: int = 1_000_000
     history_size: int = 500
     #: (op, deleted pieces) of the last updates, version - len(history) + 1 .. version
-    history: deque = field(default_factory=deque)
+    history: collections.deque = field(default_factory=collections.deque)
     history_units: int = 0
     clients: dict[str, Client] = field(default_factory=dict)
     execution: dict = field(default_factory=lambda: {"running": False, "clientId": None})
@@ -523,42 +552,53 @@ class Room:
         current one) and return the changes as applied to the current text.
         Raises PairError for a malformed update, Stale for one too old to rebase."""
         version = self.version if version is None else version
-        if version > self.version or version < 0:
+        if not 0 <= version <= self.version:
             raise PairError("bad_version", f"version {version} is not one of this room's "
                             f"(now {self.version})")
         missed = [op for op, _ in self._since(version)]
-        if code is not None:
-            if missed and len(self.text) * len(missed) > REBUILD_COST:
-                raise Stale(version)
-            op = diff_to_op(self.text_at(version), to_units(code))
-        else:
+        op = self._rebase(self._operation(version, missed, changes, code), missed)
+        self._apply(op)
+        return op_to_changes(op)
+
+    def _operation(self, version: int, missed: list[Op], changes: list | None,
+                   code: str | None) -> Op:
+        """The update as one operation on the text at `version`, which the
+        `missed` operations have changed since: its change list, or the
+        difference of its whole text (Stale if rebuilding the old text costs too much)."""
+        if code is None:
             if len(changes) > MAX_CHANGES:
                 raise PairError("too_large", f"an update may hold at most {MAX_CHANGES} changes")
-            op = changes_to_op(changes, len(self.text) - sum(map(_growth, missed)))
-        if missed and sum(map(len, missed)) + len(op) * len(missed) > REBASE_COST:
+            return changes_to_op(changes, len(self.text) - sum(map(_growth, missed)))
+        if missed and len(self.text) * len(missed) > REBUILD_COST:
             raise Stale(version)
+        return diff_to_op(self.text_at(version), to_units(code))
+
+    @staticmethod
+    def _rebase(op: Op, missed: list[Op]) -> Op:
+        """op transformed over the operations it missed; Stale if that costs too much."""
+        if missed and sum(map(len, missed)) + len(op) * len(missed) > REBASE_COST:
+            raise Stale()
         for past in missed:
             op = transform(op, past)
+        return op
+
+    def _apply(self, op: Op) -> None:
+        """Apply a rebased op that keeps pairs whole and the text within
+        max_code; record it in the bounded history; move the cursors."""
         _check_boundaries(self.text, op)
         if len(self.text) + _growth(op) > self.max_code:
             raise PairError("too_large", f"the text would exceed {self.max_code} UTF-16 code units")
         self.text, deleted = apply(self.text, op)
-        self._remember(op, deleted)
-        for client in self.clients.values():
-            if client.cursor:
-                client.cursor = {k: map_position(op, v) if isinstance(v, int) else v
-                                 for k, v in client.cursor.items()}
-        return op_to_changes(op)
-
-    def _remember(self, op: Op, deleted: list[str]) -> None:
-        """Record op in the bounded history, which also holds at most a few
-        texts' worth of units so that huge pastes cannot pile up."""
         self.version, self.updated_at, self.changed = self.version + 1, _now(), True
         self.history.append((op, deleted))
         self.history_units += _weight(op, deleted)
         while len(self.history) > self.history_size or (
-                self.history_units > 4 * self.max_code and len(self.history) > 1):
+                self.history_units > HISTORY_TEXTS * self.max_code and len(self.history) > 1):
             self.history_units -= _weight(*self.history.popleft())
+        for client in self.clients.values():
+            if client.cursor:
+                client.cursor = {k: map_position(op, v) if isinstance(v, int) else v
+                                 for k, v in client.cursor.items()}
 
     def set_language(self, language: str) -> None:
         """Set the room's language, a short lowercase name such as 'python'."""
@@ -573,7 +613,7 @@ class Room:
                          "selectionEnd": None if selection_end is None else clamp(selection_end)}
         return client.cursor
 
-    def row(self) -> tuple:
+    def as_stored(self) -> tuple:
         """The room as a store keeps it."""
         return self.id, self.language, self.code, self.version, self.created_at, self.updated_at
 
@@ -631,11 +671,7 @@ class Rooms:
         """Make a room with an unguessable id (128 random bits)."""
         if len(self._rooms) >= self.config.max_rooms:
             raise PairError("too_many_rooms", f"at most {self.config.max_rooms} rooms here", 429)
-        text = to_units(code)
-        if len(text) > self.config.max_code:
-            raise PairError("too_large", f"code exceeds {self.config.max_code} UTF-16 units", 413)
-        if _LONE.search(text):
-            raise PairError("bad_request", "code holds half of a surrogate pair")
+        text = checked_units(code, self.config.max_code)
         room = Room(secrets.token_urlsafe(16), text=text, max_code=self.config.max_code,
                     history_size=self.config.history)
         room.set_language(language)
@@ -651,18 +687,7 @@ class Rooms:
                                         created_at=created_at, updated_at=updated_at, changed=False)
         log.info("%d rooms restored", len(rows))
 
-    def expire(self, ttl: float, unused_ttl: float) -> None:
-        """Let go of rooms nobody is in and nobody changed for ttl seconds, and
-        of unused ones (made over HTTP, never joined) after unused_ttl; 0: never."""
-        now = datetime.now(timezone.utc)
-        for room in self:
-            changed = datetime.fromisoformat(room.updated_at.replace("Z", "+00:00"))
-            idle = (now - changed).total_seconds()
-            if not room.clients and (0 < ttl < idle or room.unused and 0 < unused_ttl < idle):
-                self._forget(room.id)
-                log.info("room %s expired", room.id)
-
-    def _forget(self, room_id: str) -> Room | None:
+    def forget(self, room_id: str) -> Room | None:
         """Remove a room from memory, and from the store at its next write."""
         if self.gone is not None:
             self.gone.add(room_id)
@@ -674,7 +699,7 @@ class Rooms:
 
     async def delete(self, room_id: str) -> bool:
         """Remove a room and close its sockets with 4404; False if unknown."""
-        room = self._forget(room_id)
+        room = self.forget(room_id)
         if room is None:
             return False
         await _close_all(room.clients.values(), CLOSE_NO_ROOM, b"room deleted")
@@ -688,12 +713,42 @@ async def _close_all(clients, code: int, message: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Storage: rooms kept across restarts in SQLite or PostgreSQL, written behind
+# How long rooms live: let go when idle; kept across restarts in SQLite or PostgreSQL
 # ---------------------------------------------------------------------------
 # The registry stays the source of truth. A changed room is written within a
 # second, many changes in one write; everything is written at shutdown. A
 # store that fails while running costs nothing but the write: it is retried
 # each second until it succeeds, and the rooms go on in memory meanwhile.
+
+def expire(rooms: Rooms, ttl: float, unused_ttl: float) -> None:
+    """Let go of rooms nobody is in and nobody changed for ttl seconds, and
+    of unused ones (made over HTTP, never joined) after unused_ttl; 0: never."""
+    now = datetime.now(timezone.utc)
+    for room in rooms:
+        changed = datetime.fromisoformat(room.updated_at.replace("Z", "+00:00"))
+        idle = (now - changed).total_seconds()
+        too_long = 0 < ttl < idle or room.unused and 0 < unused_ttl < idle
+        if too_long and not room.clients:
+            rooms.forget(room.id)
+            log.info("room %s expired", room.id)
+
+
+async def _expiry_lifetime(app: web.Application):
+    """Let go of idle and unused rooms (--room-ttl, --unused-room-ttl), kept or not."""
+    config, rooms = app[CONFIG], app[ROOMS]
+    ttls = [ttl for ttl in (config.room_ttl, config.unused_room_ttl) if ttl > 0]
+
+    async def expire_now_and_then() -> None:
+        while True:
+            await asyncio.sleep(min(60, *ttls) / 2)
+            expire(rooms, config.room_ttl, config.unused_room_ttl)
+
+    task = asyncio.get_running_loop().create_task(expire_now_and_then()) if ttls else None
+    yield
+    if task:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS pairserver_rooms (id TEXT PRIMARY KEY,
     language TEXT NOT NULL, code TEXT NOT NULL, version BIGINT NOT NULL,
@@ -788,7 +843,7 @@ async def _flush(rooms: Rooms, store: Store, failing: bool = False) -> bool:
         return failing
     for room in changed:  # a change made while writing marks it again
         room.changed = False
-    rows = [room.row() for room in changed]
+    rows = [room.as_stored() for room in changed]
     try:
         await store.save(rows, list(gone))
     except Exception as e:  # noqa: BLE001 - any store error: the rooms carry on in memory
@@ -802,6 +857,28 @@ async def _flush(rooms: Rooms, store: Store, failing: bool = False) -> bool:
     if failing:
         log.warning("%r works again: %d changed rooms written", store, len(rows))
     return False
+
+
+async def _storage_lifetime(app: web.Application):
+    """Load the kept rooms, write changes behind, write everything at the end."""
+    config, rooms = app[CONFIG], app[ROOMS]
+    if not config.db:
+        yield
+        return
+    store = Store(config.db)
+    rooms.restore(await store.load())  # rooms an embedding script made stay changed: written
+    stop = asyncio.Event()
+    writer = asyncio.get_running_loop().create_task(_write_behind(rooms, store, stop))
+    yield
+    stop.set()
+    await writer
+    for _ in range(3):  # the sockets are closed by now: this is the last word
+        if not await _flush(rooms, store):
+            break
+        await asyncio.sleep(1)
+    else:
+        log.error("could not write the rooms to %r at shutdown: recent changes are lost", store)
+    await store.close()
 
 
 # ---------------------------------------------------------------------------
@@ -823,6 +900,7 @@ _CODE_WORD = re.compile(r"#.*|'''[\s\S]*?'''|" r'"""[\s\S]*?"""'
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef,
            ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 _PAIRS = {"(": ")", "[": "]", "{": "}"}
+_CURSOR = "__cursor__"  #: the name put at the cursor, to find where it is in the tree
 #: Builtins common enough to rank with a program's own names.
 _COMMON = set("""len print isinstance range str int list dict set tuple open hasattr getattr
 setattr super type enumerate zip sorted min max sum any all bool repr iter next map filter object
@@ -880,9 +958,7 @@ def suggest(code: str, cursor: int, language: str = "python",
 def _suggest(code: str, cursor: int, language: str, modules: Callable[[str], dict],
              line0: int) -> tuple[list[dict], int]:
     """suggest() within its window, whose first line is line `line0` of the text."""
-    start = cursor
-    while start > cursor - 100 and start and (code[start - 1].isalnum() or code[start - 1] == "_"):
-        start -= 1
+    start = cursor - len(re.search(r"\w*\Z", code[max(0, cursor - 100):cursor]).group())
     prefix, line_start = code[start:cursor], code.rfind("\n", 0, start) + 1
     before = code[max(line_start, start - 300):start]
     whole = line_start >= start - 300  # `before` holds the line's start, so ^ means it
@@ -901,7 +977,7 @@ def _suggest(code: str, cursor: int, language: str, modules: Callable[[str], dic
             + [(n, "method", None, 13 if members else 7) for n in _TYPE_METHODS]
     else:
         parse = _parse_near(code, start, line0)
-        found = _keyword_args(parse, code, start) + _names(parse) \
+        found = _keyword_args(parse) + _names(parse) \
             + [(b, "builtin", None, 6 if b in _COMMON else 8) for b in _BUILTINS] \
             + [(d, "global", "every module has it", 7) for d in _DUNDERS] \
             + [(k, "keyword", None, 9) for k in keyword.kwlist] \
@@ -998,7 +1074,7 @@ def _attribute_words(code: str, start: int, cursor: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
-# Autocomplete: the text near the cursor, parsed block by block, and its scopes
+# Autocomplete: the text parsed block by block, its scopes; modules' names; the route
 # ---------------------------------------------------------------------------
 
 def _parse_near(code: str, start: int, line0: int = 0) -> _Parse:
@@ -1034,10 +1110,11 @@ def _blocks(lines: list[str]) -> list[int]:
     between definitions go together, at most 200 at a time."""
     starts = [0]
     for i, line in enumerate(lines):
-        top = i and line[:1].strip() and not line.startswith(_CONTINUES) \
-            and not lines[i - 1].startswith("@")
-        if top and (line.startswith(_DEFINES) or lines[starts[-1]].startswith(_DEFINES)
-                    or i - starts[-1] > 200):
+        top = i and line[:1].strip() and not line.startswith(_CONTINUES)
+        decorated = lines[i - 1].startswith("@")
+        ends = line.startswith(_DEFINES) or lines[starts[-1]].startswith(_DEFINES) \
+            or i - starts[-1] > 200  # a definition begins or ends, or the lines grow many
+        if top and not decorated and ends:
             starts.append(i)
     return starts
 
@@ -1094,9 +1171,9 @@ def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: i
         elif closers and ch == closers[-1]:
             closers.pop()
     indent = re.match(r"\s*", lines[row]).group()
-    variants = [(head + "__cursor__" + "".join(reversed(closers)), col),
-                (indent + "__cursor__", len(indent)), (indent + "pass", len(indent))]
-    for line, at in [(head + "__cursor__" + tail, col)] * bool(tail.strip()) + variants:
+    variants = [(head + _CURSOR + "".join(reversed(closers)), col),
+                (indent + _CURSOR, len(indent)), (indent + "pass", len(indent))]
+    for line, at in [(head + _CURSOR + tail, col)] * bool(tail.strip()) + variants:
         for stop in (end, row + 1):  # then without the block's lines after the cursor
             text = "\n".join(lines[first:row] + [line] + lines[row + 1:stop])
             body, bad = _mend(text, row - first, deadline)
@@ -1119,10 +1196,10 @@ def _mend(text: str, keep: int, deadline: float) -> tuple[list[ast.stmt] | None,
         try:
             return ast.parse("\n".join(lines)).body, -1
         except SyntaxError as e:
-            bad = (e.lineno or 1) - 1
-            if bad >= len(lines) or bad == keep and ("expected ':'" not in e.msg or bad in patched):
+            bad, colon = (e.lineno or 1) - 1, "expected ':'" in e.msg
+            if bad >= len(lines) or bad == keep and (not colon or bad in patched):
                 return None, bad
-            lines[bad] = lines[bad] + ":" if "expected ':'" in e.msg else "" if bad in patched \
+            lines[bad] = lines[bad] + ":" if colon else "" if bad in patched \
                 else re.match(r"\s*", lines[bad]).group() + "pass"
             patched.add(bad)
         except (ValueError, RecursionError, MemoryError):
@@ -1154,7 +1231,7 @@ def _names(parse: _Parse) -> list[Suggestion]:
             continue
         bound = parse.top_names if scope is parse.tree else _bindings(scope)
         for name, (kind, detail) in bound.items():
-            if name != "__cursor__":
+            if name != _CURSOR:
                 found.append((name, kind, detail, depth if depth < len(chain) - 1 else 5))
     return found
 
@@ -1212,23 +1289,14 @@ def _signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
     return f"def {node.name}({ast.unparse(node.args)})"
 
 
-def _keyword_args(parse: _Parse, code: str, start: int) -> list[Suggestion]:
-    """Inside f( of a function defined in the code: its keyword parameters as `name=`."""
-    depth, i = 0, start
-    while i > max(0, start - 600):  # back to the unclosed bracket, if any
-        i -= 1
-        if code[i] in ")]}":
-            depth += 1
-        elif code[i] in "([{":
-            if depth == 0:
-                break
-            depth -= 1
-    else:
+def _keyword_args(parse: _Parse) -> list[Suggestion]:
+    """An argument of f(...), f a function or class defined in the code: its
+    keyword parameters as `name=`."""
+    calls = [n.func.id for n in ast.walk(parse.tree) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Name) and _CURSOR in (getattr(a, "id", "") for a in n.args)]
+    if not calls:
         return []
-    m = re.search(r"([A-Za-z_]\w*)\s*$", code[max(0, i - 100):i])
-    if code[i] != "(" or not m:
-        return []
-    name = m.group(1)
+    name = calls[0]
     methods = [n for c in parse.classes().values() for n in c.body]
     defined = [*parse.statements(parse.tree), *methods]
     node = next((n for n in defined if getattr(n, "name", None) == name
@@ -1277,33 +1345,16 @@ def _members(cls: ast.ClassDef, classes: dict[str, ast.ClassDef], seen: int = 0)
     return found
 
 
-# ---------------------------------------------------------------------------
-# Autocomplete: standard-library modules' names, learned in the sandbox
-# ---------------------------------------------------------------------------
-
 class Unlearned(Exception):
     """Raised by ModuleNames for a module whose names are not known yet."""
 
 
-#: Run in the sandbox to learn a module's names: what `import` made, with signatures.
-_LEARN = r'''import importlib, inspect, json, pkgutil, sys
-sys.stdout, out = sys.stderr, {}  # what the module prints as it is imported goes to stderr
-module = importlib.import_module(sys.stdin.read())
-for name, value in vars(module).items():
-    kind = "import" if inspect.ismodule(value) else "class" if isinstance(value, type) \
-        else "function" if callable(value) else "attribute"
-    try:
-        detail = f"def {name}{inspect.signature(value)}"[:100] if kind == "function" else None
-    except (TypeError, ValueError):
-        detail = None
-    if not name.startswith("_"):
-        out[name] = (kind, detail)
-for sub in pkgutil.iter_modules(getattr(module, "__path__", None) or []):
-    if not sub.name.startswith("_"):
-        out.setdefault(sub.name, ("import", f"module {module.__name__}.{sub.name}"))
-print(json.dumps(out), file=sys.__stdout__)
-'''
 _MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z")
+
+
+def sandbox_program(name: str) -> str:
+    """The text of a program in sandbox/, beside this module, to be run only in the sandbox."""
+    return Path(__file__).with_name("sandbox").joinpath(name).read_text()
 
 
 class ModuleNames:
@@ -1317,6 +1368,7 @@ class ModuleNames:
 
     def __init__(self, run: Callable[[str, str], Any]) -> None:
         self._run = run  #: run(code, stdin) -> a run's result, as Runner.run gives
+        self._program = sandbox_program("learn.py")  #: what imports a module there
         self._known = _Memo(MODULE_CACHE_BYTES)
         self._learning: dict[str, asyncio.Future] = {}
 
@@ -1341,7 +1393,7 @@ class ModuleNames:
 
     async def _learn(self, name: str) -> None:
         try:
-            result = await self._run(_LEARN, name)
+            result = await self._run(self._program, name)
             last = result["stdout"].rstrip().rpartition("\n")[2]
             found = json.loads(last) if result["exitCode"] == 0 else {}
             found = {n: tuple(v) for n, v in found.items()}
@@ -1363,92 +1415,48 @@ async def complete(app: web.Application, code: str, cursor: int, language: str) 
     return suggest(code, cursor, language)  # the sandbox could not tell: without module names
 
 
+async def autocomplete(request: web.Request) -> web.Response:
+    """POST /autocomplete {code, cursorPosition, language?} -> {suggestions, from, to}"""
+    config, body = request.app[CONFIG], await _json_body(request)
+    code, language = _field(body, "code", str), _field(body, "language", str, "python")
+    cursor, units = _field(body, "cursorPosition", int), checked_units(code, config.max_code)
+    if not 0 <= cursor <= len(units) or splits_pair(units, cursor):
+        raise PairError("bad_request", f"cursorPosition {cursor} is outside the text or splits a "
+                        "character")
+    answer = await complete(request.app, code, len(from_units(units[:cursor])), language)
+    span = len(to_units(code[:answer["from"]]))  # back to UTF-16 units
+    return web.json_response({**answer, "from": span, "to": cursor})
+
+
 # ---------------------------------------------------------------------------
 # Execution: Runner (pools of interpreters, fair turns, limits)
 # ---------------------------------------------------------------------------
 # Each run gets a pre-started interpreter from a small pool: the sandbox and
 # the interpreter are already up, waiting on stdin for a header line with the
 # code's length, then the code, then the program's own stdin. So a short
-# program answers in the time it takes to run, not to start.
-
-_PY_BOOT = """import os, sys
-def _end(status):  # what exiting does that a program can see, without the slow teardown
-    if "threading" in sys.modules:
-        sys.modules["threading"]._shutdown()
-    __import__("atexit")._run_exitfuncs()
-    sys.stdout.flush(), sys.stderr.flush()
-    os._exit(status)
-def _show(e, tb):  # the traceback a plain `python main.py` prints
-    sys.excepthook(type(e), e, e.with_traceback(tb).__traceback__)
-    _end(1)
-def _boot():
-    head = b""
-    while not head.endswith(b"\\n"):
-        head += os.read(0, 1) or sys.exit(0)
-    size, src = int(head), b""
-    while len(src) < size:
-        src += os.read(0, size - len(src)) or sys.exit(0)
-    with open("main.py", "wb") as f:
-        f.write(src)
-    try:
-        return compile(src, "main.py", "exec")
-    except (SyntaxError, ValueError) as e:  # ValueError: a NUL byte
-        _show(e, None)
-code = _boot()
-del _boot
-sys.argv, __file__ = ["main.py"], "main.py"
-try:
-    exec(code)
-except SystemExit as e:
-    if not isinstance(e.code, int | None):
-        print(e.code, file=sys.stderr)
-    _end(e.code if isinstance(e.code, int) else int(e.code is not None))
-except BaseException as e:
-    _show(e, e.__traceback__.tb_next)
-_end(0)
-"""
-_JS_BOOT = """const fs = require("fs"), one = Buffer.alloc(1); let head = "";
-while (!head.endsWith("\\n")) {
-  if (fs.readSync(0, one, 0, 1) !== 1) process.exit(0);
-  head += one.toString();
-}
-const src = Buffer.alloc(parseInt(head)); let got = 0;
-while (got < src.length) {
-  const n = fs.readSync(0, src, got, src.length - got); if (!n) break; got += n;
-}
-fs.writeFileSync("main.js", src);
-process.argv[1] = require("path").resolve("main.js");
-require(process.argv[1]);
-"""
-
-
-@dataclass
-class Language:
-    """A language this machine can run: its interpreter and how to start it waiting."""
-
-    name: str
-    executable: str
-    argv: list[str]
-    version: str = ""
-
+# program answers in the time it takes to run, not to start. That waiting
+# program, sandbox/run.py (run.js for node), is read from the folder beside this
+# module: it runs only in the sandbox, and like the user's code it is never
+# imported here.
 
 class _Process(asyncio.SubprocessProtocol):
-    """One started interpreter: its output goes to on_data, its end to `exited`."""
+    """One started interpreter: its output (chunks in arrival order, decoded,
+    at most `cap` bytes, then `capped` is done) and its end (`exited`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cap: int) -> None:
         loop = asyncio.get_running_loop()
-        self.exited, self.closed = loop.create_future(), loop.create_future()
-        self.on_data: Callable[[int, bytes], None] = lambda fd, data: None
+        self.exited, self.closed, self.capped = (loop.create_future() for _ in range(3))
         self.transport: asyncio.SubprocessTransport | None = None
         self.ready: asyncio.Future | None = None  # done once the process is started
         self.cgroups: list[Path] = []
         self.workdir: str | None = None
+        self.cap, self.size, self.truncated = cap, 0, False
+        self.chunks: list[tuple[str, str]] = []  #: (stream, text)
+        self.decoders = {fd: codecs.getincrementaldecoder("utf-8")("replace") for fd in (1, 2)}
+        self.on_output: Callable[[str, str], None] = lambda stream, text: None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
-        self.on_data(fd, data)
 
     def process_exited(self) -> None:
         self.exited.done() or self.exited.set_result(None)
@@ -1456,24 +1464,12 @@ class _Process(asyncio.SubprocessProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed.done() or self.closed.set_result(None)
 
-
-class Output:
-    """A run's output: chunks in arrival order, decoded, capped in bytes."""
-
-    def __init__(self, cap: int, on_output: Callable[[str, str], None] | None) -> None:
-        self.cap, self.size, self.truncated = cap, 0, False
-        self.chunks: list[tuple[str, str]] = []
-        self.decoders = {1: codecs.getincrementaldecoder("utf-8")("replace"),
-                         2: codecs.getincrementaldecoder("utf-8")("replace")}
-        self.on_output = on_output or (lambda stream, text: None)
-        self.full = asyncio.get_running_loop().create_future()
-
-    def feed(self, fd: int, data: bytes, final: bool = False) -> None:
+    def pipe_data_received(self, fd: int, data: bytes, final: bool = False) -> None:
         if self.truncated or fd not in self.decoders:
             return
         if self.size + len(data) >= self.cap:
             data, self.truncated = data[:self.cap - self.size], True
-            self.full.done() or self.full.set_result(None)
+            self.capped.done() or self.capped.set_result(None)
         self.size += len(data)
         text = self.decoders[fd].decode(data, final=final or self.truncated)
         if text:
@@ -1549,13 +1545,13 @@ class Runner:
         self.bwrap = bwrap if config.sandbox != "none" else None
         self.seccomp = _seccomp_filter()  #: the program bwrap loads, if any
         python = os.path.realpath(config.python or sys.executable)
-        argv = [python, "-I", "-u", "-c", _PY_BOOT]
-        self.languages = {"python": Language("python", python, argv)}
+        #: each language this machine can run: how to start its interpreter waiting
+        self.languages = {"python": [python, "-I", "-u", "-c", sandbox_program("run.py")]}
         if node := shutil.which("node"):
-            node = os.path.realpath(node)
-            self.languages["javascript"] = Language("javascript", node, [node, "-e", _JS_BOOT])
+            self.languages["javascript"] = [os.path.realpath(node), "-e", sandbox_program("run.js")]
+        self._versions: dict[str, str] = {}
         self.turns = Turns(config.max_runs, config.max_queue_per_source, config.max_queue)
-        self._pool: dict[str, deque[_Process]] = {name: deque() for name in self.languages}
+        self._pool = {name: collections.deque() for name in self.languages}
         self._live: set[_Process] = set()
         self._cgroup_base: list[Path] = []
         self._count = 0
@@ -1587,8 +1583,8 @@ class Runner:
     async def _works(self, seccomp: bool = True) -> bool:
         """Whether the sandbox starts here (with the seccomp filter, or without it from now on)."""
         self.seccomp = self.seccomp if seccomp else None
-        probe = _Process()
-        await self._spawn(probe, [self.languages["python"].executable, "-c", "pass"])
+        probe = _Process(0)
+        await self._spawn(probe, [self.languages["python"][0], "-c", "pass"])
         await probe.exited
         self._discard(probe)
         return probe.transport.get_returncode() == 0
@@ -1608,13 +1604,14 @@ class Runner:
 
     async def describe(self) -> dict:
         """What GET /languages says: the languages with versions, and the sandbox."""
-        for lang in self.languages.values():
-            if not lang.version:
-                proc = await asyncio.create_subprocess_exec(lang.executable, "--version",
+        for name, (executable, *_) in self.languages.items():
+            if name not in self._versions:
+                proc = await asyncio.create_subprocess_exec(executable, "--version",
                                                             stdout=asyncio.subprocess.PIPE)
-                lang.version = (await proc.communicate())[0].decode().split()[-1].lstrip("v")
-        return {"languages": [{"name": l.name, "version": l.version, "executable": l.executable}
-                              for l in self.languages.values()], "sandbox": self.sandbox}
+                said = (await proc.communicate())[0].decode()  # "Python 3.11.2", "v20.1.0"
+                self._versions[name] = said.split()[-1].lstrip("v")
+        return {"languages": [{"name": name, "version": self._versions[name], "executable": argv[0]}
+                              for name, argv in self.languages.items()], "sandbox": self.sandbox}
 
     async def run(self, language: str, code: str, stdin: str = "", timeout: float = 5.0,
                   on_output: Callable[[str, str], None] | None = None,
@@ -1638,15 +1635,14 @@ class Runner:
 
     async def _run(self, proc, code, stdin, timeout, on_output, cancel) -> dict:
         await proc.ready
-        output = Output(self.config.max_output, on_output)
-        proc.on_data = output.feed
+        proc.on_output = on_output or proc.on_output
         src = code.encode("utf-8", "replace")
         started = time.monotonic()
         feed = proc.transport.get_pipe_transport(0)
         feed.write(b"%d\n%s%s" % (len(src), src, stdin.encode("utf-8", "replace")))
         feed.close()
         cancelled = asyncio.ensure_future((cancel or asyncio.Event()).wait())
-        done, _ = await asyncio.wait([proc.exited, output.full, cancelled], timeout=timeout,
+        done, _ = await asyncio.wait([proc.exited, proc.capped, cancelled], timeout=timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
         cancelled.cancel()
         killed = not proc.exited.done()
@@ -1659,12 +1655,12 @@ class Runner:
             status = -signal.SIGKILL
         elif self.bwrap and status > 128:
             status = 128 - status  # bwrap reports death by signal N as 128 + N
-        output.feed(1, b"", final=True)
-        output.feed(2, b"", final=True)
+        proc.pipe_data_received(1, b"", final=True)
+        proc.pipe_data_received(2, b"", final=True)
         self._discard(proc)
-        return {"output": output.text(), "stdout": output.text("stdout"),
-                "stderr": output.text("stderr"), "exitCode": status,
-                "timedOut": killed and not done, "truncated": output.truncated,
+        return {"output": proc.text(), "stdout": proc.text("stdout"),
+                "stderr": proc.text("stderr"), "exitCode": status,
+                "timedOut": killed and not done, "truncated": proc.truncated,
                 "cancelled": cancelled in done and killed, "durationMs": round(duration * 1000, 1)}
 
     def _take(self, language: str) -> _Process:
@@ -1675,15 +1671,16 @@ class Runner:
             if not proc.exited.done():
                 return proc
             self._discard(proc)
-        proc = _Process()
-        proc.ready = asyncio.ensure_future(self._spawn(proc, self.languages[language].argv))
-        return proc
+        return self._start(language)
 
     def _refill(self, language: str) -> None:
         if len(self._pool[language]) < self.config.pool:
-            proc = _Process()
-            proc.ready = asyncio.ensure_future(self._spawn(proc, self.languages[language].argv))
-            self._pool[language].append(proc)
+            self._pool[language].append(self._start(language))
+
+    def _start(self, language: str) -> _Process:
+        proc = _Process(self.config.max_output)
+        proc.ready = asyncio.ensure_future(self._spawn(proc, self.languages[language]))
+        return proc
 
     async def _spawn(self, proc: _Process, argv: list[str]) -> None:
         """Start argv in the sandbox, with its limits, its cgroup, its own folder."""
@@ -1751,6 +1748,13 @@ class Runner:
             shutil.rmtree(proc.workdir, ignore_errors=True)
         for group in proc.cgroups:
             _rmdir_all(group, retries=20)
+
+
+async def _runner_lifetime(app: web.Application):
+    """Start the interpreter pools with the app; kill every run when it stops."""
+    await app[RUNNER].start()
+    yield
+    await app[RUNNER].stop()
 
 
 # ---------------------------------------------------------------------------
@@ -1877,8 +1881,60 @@ def _rmdir_all(path: Path, retries: int = 0) -> bool:
 
 
 # ---------------------------------------------------------------------------
-# HTTP handlers and the one JSON error path
+# Guards: who may call (hosts, origins, isolation), how often, how many connections
 # ---------------------------------------------------------------------------
+# Nothing a web page or a client address sends may drive or starve the server:
+# these checks run before any handler, or around the listening socket.
+
+def _is_loopback(address: str) -> bool:
+    """Whether an address or host name is this machine's loopback (localhost, 127.x, ::1)."""
+    try:
+        ip = ipaddress.ip_address(address.strip("[]").split("%")[0])
+    except ValueError:
+        return address.lower() == "localhost"
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+@web.middleware
+async def guard_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """Who may call (SPEC): a request that came to a loopback address must
+    name a loopback host (a DNS-rebound page names its own); a browser page
+    must be the server's own or of a --cors-origin; a POST body must be JSON,
+    which no foreign page can send without a CORS preflight."""
+    to = request.transport and request.transport.get_extra_info("sockname")
+    to_loopback = isinstance(to, tuple) and _is_loopback(to[0])
+    host = urlsplit("//" + request.headers.get("Host", "")).hostname or ""  # none: no name
+    named = _is_loopback(host) or host in request.app[CONFIG].allow_host
+    if to_loopback and not named:
+        raise PairError("forbidden_host", f"this server answers to localhost, not to {host!r}; "
+                        "start it with --allow-host NAME to answer to that name", 403)
+    upgrade = request.headers.get("Upgrade", "").lower() == "websocket"  # closed with 4403 instead
+    if not upgrade and not _origin_allowed(request):
+        raise PairError("forbidden_origin", "pages from this origin may not call this server "
+                        "(see --cors-origin)", 403)
+    json_body = not request.body_exists or request.content_type == "application/json"
+    if request.method == "POST" and not json_body:
+        raise PairError("unsupported_media_type", "send the body as application/json", 415)
+    return await handler(request)
+
+
+def _origin_allowed(request: web.Request) -> bool:
+    """No Origin (a script), the server's own pages, or a --cors-origin's."""
+    origin, allowed = request.headers.get("Origin"), request.app[CONFIG].cors_origin
+    if origin is None or "*" in allowed or origin in allowed:
+        return True
+    return urlsplit(origin).netloc.lower() == request.headers.get("Host", "").lower()  # our own
+
+
+def _require_isolation(app: web.Application) -> None:
+    """Runs are served beyond loopback only when isolated, or when --sandbox none says so."""
+    config = app[CONFIG]
+    isolated_or_told = app[RUNNER].bwrap or config.sandbox == "none"
+    if not isolated_or_told and not _is_loopback(config.host):
+        raise PairError("runs_not_isolated", "this server cannot isolate runs (no working bwrap), "
+                        "so it runs code only when it listens on localhost; install bubblewrap, or "
+                        "start it with --sandbox none to run code unisolated for everyone", 403)
+
 
 class RateLimit:
     """A token bucket per client address: `per_minute` tokens a minute, `burst` at most."""
@@ -1899,6 +1955,128 @@ class RateLimit:
             raise PairError("too_many_requests", "too many rooms made from this address; wait a "
                             "little", 429, retry_after=math.ceil((1 - tokens) / self.rate))
 
+
+def _cap_connections(server: web.Server, cap: int) -> None:
+    """Close a new connection at once when its address has `cap` open already."""
+    made, lost = server.connection_made, server.connection_lost
+    peers: dict[Any, str] = {}
+    count: collections.Counter = collections.Counter()
+
+    def connection_made(handler: web.RequestHandler, transport: asyncio.Transport) -> None:
+        peers[handler] = peer = (transport.get_extra_info("peername") or ("",))[0]
+        count[peer] += 1
+        made(handler, transport)
+        if count[peer] > cap:  # read nothing; abort once the handler has started (else it fails)
+            transport.pause_reading()
+            asyncio.get_running_loop().call_later(0, transport.abort)
+
+    def connection_lost(handler: web.RequestHandler, exc: BaseException | None = None) -> None:
+        peer = peers.pop(handler, None)
+        count[peer] -= 1
+        if count[peer] <= 0:
+            del count[peer]
+        lost(handler, exc)
+
+    server.connection_made, server.connection_lost = connection_made, connection_lost
+
+
+def _once_per_episode(previous: Callable | None) -> Callable:
+    """An event-loop exception handler that logs running out of descriptors
+    (a failed accept, each one with a traceback) once per episode: until a
+    minute passes without it."""
+    last = [-math.inf]
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        e = context.get("exception")
+        if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS):
+            if time.monotonic() - last[0] > 60:
+                log.error("out of file descriptors or buffers (%s): new connections wait until "
+                          "some close; said once until a minute passes without it", e)
+            last[0] = time.monotonic()
+            return
+        if previous:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    return handler
+
+
+# ---------------------------------------------------------------------------
+# Runs: POST /execute, GET /languages, and a room's execute and execute_cancel
+# ---------------------------------------------------------------------------
+# A room's run belongs to the room: one at a time (its lock), everyone sees its
+# output as it comes, and anyone in the room can stop it.
+
+async def execute(request: web.Request) -> web.Response:
+    """POST /execute {code, language?, stdin?, timeout?} -> the run's result."""
+    _require_isolation(request.app)
+    config, body = request.app[CONFIG], await _json_body(request)
+    code, stdin = _field(body, "code", str), _field(body, "stdin", str, "")
+    if max(len(text.encode("utf-8", "replace")) for text in (code, stdin)) > config.max_source:
+        raise PairError("too_large", f"code and stdin may each have {config.max_source} bytes", 413)
+    timeout = _field(body, "timeout", (int, float), config.timeout)
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise PairError("bad_request", "'timeout' must be a positive number of seconds")
+    result = await request.app[RUNNER].run(_field(body, "language", str, "python"), code, stdin,
+                                           min(timeout, config.max_timeout),
+                                           source=request.remote or "")
+    return web.json_response(result)
+
+
+async def languages(request: web.Request) -> web.Response:
+    """GET /languages -> what this machine can run, and how runs are isolated."""
+    return web.json_response(await request.app[RUNNER].describe())
+
+
+def _on_execute(room: Room, client: Client, msg: dict, app: web.Application) -> None:
+    stdin = _field(msg, "stdin", str, "")
+    _require_isolation(app)
+    if room.execution["running"]:
+        raise PairError("execution_locked", f"{room.execution['clientId']} is running the code")
+    room.execution = {"running": True, "clientId": client.id}
+    room.cancel = asyncio.Event()
+    _broadcast(room, _message("execution_lock", locked=True, clientId=client.id))
+    app[ROOMS].spawn(_run_in_room(app, room, client, stdin))
+
+
+def _on_execute_cancel(room: Room, client: Client, msg: dict, app: web.Application) -> None:
+    if not room.execution["running"]:
+        raise PairError("not_running", "nothing is running in this room")
+    room.cancel.set()
+
+
+async def _run_in_room(app: web.Application, room: Room, client: Client, stdin: str) -> None:
+    """Run the room's code, streaming its output to everyone in batches of at
+    most one message per stream each OUTPUT_BATCH_SECONDS; always release the lock."""
+    pending: list[tuple[str, str]] = []
+
+    def flush() -> None:
+        for stream, chunks in itertools.groupby(pending, key=lambda chunk: chunk[0]):
+            data = "".join(text for _, text in chunks)
+            _broadcast(room, _message("execution_output", stream=stream, data=data))
+        pending.clear()
+
+    def on_output(stream: str, text: str) -> None:
+        if not pending:
+            asyncio.get_running_loop().call_later(OUTPUT_BATCH_SECONDS, flush)
+        pending.append((stream, text))
+
+    try:
+        result = await app[RUNNER].run(room.language, room.code, stdin, app[CONFIG].timeout,
+                                       on_output, room.cancel, source=f"room {room.id}")
+        flush()
+        _broadcast(room, _message("execution_result", clientId=client.id, **result))
+    except PairError as e:
+        client.send(_message("error", code=e.code, message=e.message))
+    finally:
+        room.execution = {"running": False, "clientId": None}
+        _broadcast(room, _message("execution_lock", locked=False, clientId=client.id))
+
+
+# ---------------------------------------------------------------------------
+# HTTP handlers and the one JSON error path
+# ---------------------------------------------------------------------------
 
 def error_response(status: int, code: str, message: str, **headers: str) -> web.Response:
     """The SPEC's error shape: {"error": {"code", "message"}}."""
@@ -1932,67 +2110,6 @@ async def error_middleware(request: web.Request, handler: Callable) -> web.Strea
         return error_response(500, "internal", "the server failed; the error is logged")
 
 
-def _is_loopback(address: str) -> bool:
-    """Whether an address or host name is this machine's loopback (localhost, 127.x, ::1)."""
-    try:
-        ip = ipaddress.ip_address(address.strip("[]").split("%")[0])
-    except ValueError:
-        return address.lower() == "localhost"
-    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
-
-
-@web.middleware
-async def guard_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
-    """Who may call (SPEC): a request that came to a loopback address must
-    name a loopback host (a DNS-rebound page names its own); a browser page
-    must be the server's own or of a --cors-origin; a POST body must be JSON,
-    which no foreign page can send without a CORS preflight."""
-    to = request.transport and request.transport.get_extra_info("sockname")
-    host = urlsplit("//" + request.headers.get("Host", "")).hostname or ""  # none: no name
-    named = _is_loopback(host) or host in request.app[CONFIG].allow_host
-    if isinstance(to, tuple) and _is_loopback(to[0]) and not named:
-        raise PairError("forbidden_host", f"this server answers to localhost, not to {host!r}; "
-                        "start it with --allow-host NAME to answer to that name", 403)
-    upgrade = request.headers.get("Upgrade", "").lower() == "websocket"  # closed with 4403 instead
-    if not upgrade and not _origin_allowed(request):
-        raise PairError("forbidden_origin", "pages from this origin may not call this server "
-                        "(see --cors-origin)", 403)
-    json_body = not request.body_exists or request.content_type == "application/json"
-    if request.method == "POST" and not json_body:
-        raise PairError("unsupported_media_type", "send the body as application/json", 415)
-    return await handler(request)
-
-
-def _origin_allowed(request: web.Request) -> bool:
-    """No Origin (a script), the server's own pages, or a --cors-origin's."""
-    origin, allowed = request.headers.get("Origin"), request.app[CONFIG].cors_origin
-    return origin is None or "*" in allowed or origin in allowed \
-        or urlsplit(origin).netloc.lower() == request.headers.get("Host", "").lower()
-
-
-def _require_isolation(app: web.Application) -> None:
-    """Runs are served beyond loopback only when isolated, or when --sandbox none says so."""
-    config = app[CONFIG]
-    if not app[RUNNER].bwrap and config.sandbox != "none" and not _is_loopback(config.host):
-        raise PairError("runs_not_isolated", "this server cannot isolate runs (no working bwrap), "
-                        "so it runs code only when it listens on localhost; install bubblewrap, or "
-                        "start it with --sandbox none to run code unisolated for everyone", 403)
-
-
-async def _json_body(request: web.Request, optional: bool = False) -> dict:
-    """The request's JSON object body; {} for an absent optional one."""
-    raw = await request.read()  # over client_max_size: 413 through the middleware
-    if optional and not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):  # RecursionError: nested too deep
-        raise PairError("bad_json", "the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise PairError("bad_json", "the body must be a JSON object")
-    return body
-
-
 def _room(request: web.Request) -> Room:
     room = request.app[ROOMS].get(request.match_info["roomId"])
     if room is None:
@@ -2011,7 +2128,7 @@ async def create_room(request: web.Request) -> web.Response:
     """POST /rooms {language?, code?} -> 201 {roomId, language, code, version}"""
     body = await _json_body(request, optional=True)
     request.app[ROOM_LIMIT].take(request.remote or "")
-    language, code = _get(body, "language", str, "python"), _get(body, "code", str, "")
+    language, code = _field(body, "language", str, "python"), _field(body, "code", str, "")
     room = request.app[ROOMS].create(language, code)
     room.unused = True
     return web.json_response({"roomId": room.id, "language": room.language, "code": room.text,
@@ -2021,44 +2138,6 @@ async def create_room(request: web.Request) -> web.Response:
 async def get_room(request: web.Request) -> web.Response:
     """GET /rooms/{roomId} -> the room, its clients and its execution state."""
     return web.json_response(_room(request).describe(), dumps=_dumps)
-
-
-async def autocomplete(request: web.Request) -> web.Response:
-    """POST /autocomplete {code, cursorPosition, language?} -> {suggestions, from, to}"""
-    body = await _json_body(request)
-    code, language = _get(body, "code", str), _get(body, "language", str, "python")
-    cursor, units = _get(body, "cursorPosition", int), to_units(code)
-    if len(units) > request.app[CONFIG].max_code:
-        raise PairError("too_large", f"code exceeds {request.app[CONFIG].max_code} units", 413)
-    if _LONE.search(units):
-        raise PairError("bad_request", "code holds half of a surrogate pair")
-    if not 0 <= cursor <= len(units) or splits_pair(units, cursor):
-        raise PairError("bad_request", f"cursorPosition {cursor} is outside the text or splits a "
-                        "character")
-    answer = await complete(request.app, code, len(from_units(units[:cursor])), language)
-    span = len(to_units(code[:answer["from"]]))  # back to UTF-16 units
-    return web.json_response({**answer, "from": span, "to": cursor})
-
-
-async def execute(request: web.Request) -> web.Response:
-    """POST /execute {code, language?, stdin?, timeout?} -> the run's result."""
-    _require_isolation(request.app)
-    config, body = request.app[CONFIG], await _json_body(request)
-    code, stdin = _get(body, "code", str), _get(body, "stdin", str, "")
-    if max(len(text.encode("utf-8", "replace")) for text in (code, stdin)) > config.max_source:
-        raise PairError("too_large", f"code and stdin may each have {config.max_source} bytes", 413)
-    timeout = _get(body, "timeout", (int, float), config.timeout)
-    if not (math.isfinite(timeout) and timeout > 0):
-        raise PairError("bad_request", "'timeout' must be a positive number of seconds")
-    result = await request.app[RUNNER].run(_get(body, "language", str, "python"), code, stdin,
-                                           min(timeout, config.max_timeout),
-                                           source=request.remote or "")
-    return web.json_response(result)
-
-
-async def languages(request: web.Request) -> web.Response:
-    """GET /languages -> what this machine can run, and how runs are isolated."""
-    return web.json_response(await request.app[RUNNER].describe())
 
 
 async def health(request: web.Request) -> web.Response:
@@ -2097,17 +2176,6 @@ async def index(request: web.Request) -> web.StreamResponse:
 # WebSocket: /ws/{roomId}/{clientId}
 # ---------------------------------------------------------------------------
 
-def _message(type: str, **fields: Any) -> bytes:
-    return _frame(_dumps({"type": type, **fields}))
-
-
-def _broadcast(room: Room, frame: bytes, skip: Client | None = None) -> None:
-    """Send one frame to the room's sockets: encoded once, not per socket."""
-    for client in list(room.clients.values()):
-        if client is not skip:
-            client.send(frame)
-
-
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     """Join a room: init, then one JSON message per frame until the socket closes."""
     config, rooms = request.app[CONFIG], request.app[ROOMS]
@@ -2131,8 +2199,8 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         return ws
 
     name, room.unused = request.query.get("name", "")[:64] or client_id, False
-    full = request.query.get("full") in ("1", "true")  # the whole text in every code_update
-    client = Client(client_id, name, ws, request.transport, full, send_queue=config.send_queue)
+    wants_code = request.query.get("full") in ("1", "true")  # the whole text in every code_update
+    client = Client(client_id, name, ws, request.transport, wants_code, None, config.send_queue)
     room.clients[client_id] = client
     if old is not None:  # a reconnecting tab takes its place back; the others see no leave/join
         client.cursor = old.cursor
@@ -2183,87 +2251,38 @@ def _receive(app: web.Application, room: Room, client: Client, data: str) -> Non
 
 
 def _on_code_update(room: Room, client: Client, msg: dict, app: web.Application) -> None:
-    seq = _get(msg, "seq", (int, str), None, code="bad_message")
+    seq = _field(msg, "seq", (int, str), None, code="bad_message")
     if "changes" in msg:
-        version = _get(msg, "version", int, code="bad_version")
-        args = (version, _get(msg, "changes", list, code="bad_change"))
+        version = _field(msg, "version", int, code="bad_version")
+        args = (version, _field(msg, "changes", list, code="bad_change"))
     else:
-        version = _get(msg, "version", int, None, code="bad_version")
-        args = (version, None, _get(msg, "code", str, code="bad_change"))
+        version = _field(msg, "version", int, None, code="bad_version")
+        args = (version, None, _field(msg, "code", str, code="bad_change"))
     try:
         changes = room.apply_update(*args)
     except Stale:
         client.send(_message("resync", version=room.version, code=room.text))
         return
     update = {"type": "code_update", "version": room.version, "clientId": client.id,
-              "changes": changes}
-    if seq is not None:
-        update["seq"] = seq
-    plain, full = _frame(_dumps(update)), None
+              "changes": changes, **({} if seq is None else {"seq": seq})}
+    plain, with_code = _frame(_dumps(update)), None
     for other in list(room.clients.values()):
-        if other.full:
-            full = full or _frame(_dumps({**update, "code": room.text}))
-        other.send(full if other.full else plain)
+        if other.wants_code:
+            with_code = with_code or _frame(_dumps({**update, "code": room.text}))
+        other.send(with_code if other.wants_code else plain)
 
 
 def _on_cursor(room: Room, client: Client, msg: dict, app: web.Application) -> None:
-    position, end = _get(msg, "position", int), _get(msg, "selectionEnd", int, None)
+    position, end = _field(msg, "position", int), _field(msg, "selectionEnd", int, None)
     cursor = room.set_cursor(client, position, end)
     shown = {k: v for k, v in cursor.items() if v is not None}
     _broadcast(room, _message("cursor", clientId=client.id, **shown), skip=client)
 
 
 def _on_language(room: Room, client: Client, msg: dict, app: web.Application) -> None:
-    language = _get(msg, "language", str)
+    language = _field(msg, "language", str)
     room.set_language(language)
     _broadcast(room, _message("language", language=language, clientId=client.id))
-
-
-def _on_execute(room: Room, client: Client, msg: dict, app: web.Application) -> None:
-    stdin = _get(msg, "stdin", str, "")
-    _require_isolation(app)
-    if room.execution["running"]:
-        raise PairError("execution_locked", f"{room.execution['clientId']} is running the code")
-    room.execution = {"running": True, "clientId": client.id}
-    room.cancel = asyncio.Event()
-    _broadcast(room, _message("execution_lock", locked=True, clientId=client.id))
-    app[ROOMS].spawn(_run_in_room(app, room, client, stdin))
-
-
-def _on_execute_cancel(room: Room, client: Client, msg: dict, app: web.Application) -> None:
-    if not room.execution["running"]:
-        raise PairError("not_running", "nothing is running in this room")
-    room.cancel.set()
-
-
-async def _run_in_room(app: web.Application, room: Room, client: Client, stdin: str) -> None:
-    """Run the room's code, streaming its output to everyone in batches of at
-    most one message per stream each 50 ms; always release the lock."""
-    pending: list[tuple[str, str]] = []
-
-    def flush() -> None:
-        while pending:
-            stream = pending[0][0]
-            n = next((i for i, (s, _) in enumerate(pending) if s != stream), len(pending))
-            data = "".join(text for _, text in pending[:n])
-            del pending[:n]
-            _broadcast(room, _message("execution_output", stream=stream, data=data))
-
-    def on_output(stream: str, text: str) -> None:
-        if not pending:
-            asyncio.get_running_loop().call_later(0.05, flush)
-        pending.append((stream, text))
-
-    try:
-        result = await app[RUNNER].run(room.language, room.code, stdin, app[CONFIG].timeout,
-                                       on_output, room.cancel, source=f"room {room.id}")
-        flush()
-        _broadcast(room, _message("execution_result", clientId=client.id, **result))
-    except PairError as e:
-        client.send(_message("error", code=e.code, message=e.message))
-    finally:
-        room.execution = {"running": False, "clientId": None}
-        _broadcast(room, _message("execution_lock", locked=False, clientId=client.id))
 
 
 _HANDLERS: dict[str, Callable[[Room, Client, dict, web.Application], None]] = {
@@ -2283,52 +2302,6 @@ async def _close_sockets(app: web.Application) -> None:
     """On shutdown, close every socket with 1001 so clients know to come back."""
     await _close_all([c for room in app[ROOMS] for c in room.clients.values()],
                      WSCloseCode.GOING_AWAY, b"server shutting down")
-
-
-async def _runner_lifetime(app: web.Application):
-    """Start the interpreter pools with the app; kill every run when it stops."""
-    await app[RUNNER].start()
-    yield
-    await app[RUNNER].stop()
-
-
-async def _storage_lifetime(app: web.Application):
-    """Load the kept rooms, write changes behind, write everything at the end."""
-    config, rooms = app[CONFIG], app[ROOMS]
-    if not config.db:
-        yield
-        return
-    store = Store(config.db)
-    rooms.restore(await store.load())  # rooms an embedding script made stay changed: written
-    stop = asyncio.Event()
-    writer = asyncio.get_running_loop().create_task(_write_behind(rooms, store, stop))
-    yield
-    stop.set()
-    await writer
-    for _ in range(3):  # the sockets are closed by now: this is the last word
-        if not await _flush(rooms, store):
-            break
-        await asyncio.sleep(1)
-    else:
-        log.error("could not write the rooms to %r at shutdown: recent changes are lost", store)
-    await store.close()
-
-
-async def _expiry_lifetime(app: web.Application):
-    """Let go of idle and unused rooms (--room-ttl, --unused-room-ttl), kept or not."""
-    config, rooms = app[CONFIG], app[ROOMS]
-    ttls = [ttl for ttl in (config.room_ttl, config.unused_room_ttl) if ttl > 0]
-
-    async def expire() -> None:
-        while True:
-            await asyncio.sleep(min(60, *ttls) / 2)
-            rooms.expire(config.room_ttl, config.unused_room_ttl)
-
-    task = asyncio.get_running_loop().create_task(expire()) if ttls else None
-    yield
-    if task:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 def create_app(**options: Any) -> web.Application:
@@ -2381,7 +2354,7 @@ def _parser() -> argparse.ArgumentParser:
     levels = ("DEBUG", "INFO", "WARNING", "ERROR")
     parser.add_argument("--log-level", default="INFO", choices=levels,
                         help="what to log (default: INFO: rooms, joins, refusals; never code)")
-    for f in dataclasses.fields(Config):
+    for f in fields(Config):
         default = ", ".join(f.default) if isinstance(f.default, tuple) else f.default
         help = f.metadata["help"]
         help += "" if "default" in help else f" (default: {default})"
@@ -2459,52 +2432,6 @@ def _lan_address() -> str:
         s.connect(("192.0.2.1", 9))
         return s.getsockname()[0]
     return "localhost"
-
-
-def _cap_connections(server: web.Server, cap: int) -> None:
-    """Close a new connection at once when its address has `cap` open already."""
-    made, lost = server.connection_made, server.connection_lost
-    peers: dict[Any, str] = {}
-    count: collections.Counter = collections.Counter()
-
-    def connection_made(handler: web.RequestHandler, transport: asyncio.Transport) -> None:
-        peers[handler] = peer = (transport.get_extra_info("peername") or ("",))[0]
-        count[peer] += 1
-        made(handler, transport)
-        if count[peer] > cap:  # read nothing; abort once the handler has started (else it fails)
-            transport.pause_reading()
-            asyncio.get_running_loop().call_later(0, transport.abort)
-
-    def connection_lost(handler: web.RequestHandler, exc: BaseException | None = None) -> None:
-        peer = peers.pop(handler, None)
-        count[peer] -= 1
-        if count[peer] <= 0:
-            del count[peer]
-        lost(handler, exc)
-
-    server.connection_made, server.connection_lost = connection_made, connection_lost
-
-
-def _once_per_episode(previous: Callable | None) -> Callable:
-    """An event-loop exception handler that logs running out of descriptors
-    (a failed accept, each one with a traceback) once per episode: until a
-    minute passes without it."""
-    last = [-math.inf]
-
-    def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-        e = context.get("exception")
-        if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS):
-            if time.monotonic() - last[0] > 60:
-                log.error("out of file descriptors or buffers (%s): new connections wait until "
-                          "some close; said once until a minute passes without it", e)
-            last[0] = time.monotonic()
-            return
-        if previous:
-            previous(loop, context)
-        else:
-            loop.default_exception_handler(context)
-
-    return handler
 
 
 if __name__ == "__main__":
