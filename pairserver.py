@@ -31,7 +31,6 @@ import codecs
 import collections
 import contextlib
 import errno
-import functools
 import hmac
 import ipaddress
 import itertools
@@ -925,7 +924,18 @@ class _Parse:
     top_names: dict  #: {name: (kind, detail)}
 
     def scopes(self) -> list[ast.AST]:
-        return _scope_chain(self.tree, self.row, self.col)
+        """The scopes that hold the cursor, outermost first, the module included."""
+        chain, node, at = [self.tree], self.tree, (self.row, self.col)
+        while True:
+            for child in ast.iter_child_nodes(node):
+                if getattr(child, "lineno", None) and (child.lineno - 1, child.col_offset) \
+                        <= at <= (child.end_lineno - 1, child.end_col_offset):
+                    if isinstance(child, _SCOPES):
+                        chain.append(child)
+                    node = child
+                    break
+            else:
+                return chain
 
     def statements(self, scope: ast.AST) -> list[ast.stmt]:
         """A scope's statements, with those of its if, try and with blocks one level down."""
@@ -1016,28 +1026,21 @@ def _rank(found: list[Suggestion], prefix: str, code: str, start: int, cursor: i
     """Best first: how the label matches the prefix, how near the cursor the
     name is used, how near its scope is; at most 50, each label once."""
     near = _nearness(code, start, cursor)
-    lower, seen, ranked = prefix.lower(), set(), []
+    lower, ranked = prefix.lower(), []
     for label, kind, detail, scope in found:
         name = label.rstrip("=")
         if prefix and name[:1].lower() != lower[:1]:  # each way of matching needs the first letter
             continue
-        if name.startswith(prefix):
-            match = 0
-        elif name.lower().startswith(lower):
-            match = 1
-        elif _subsequence(lower, name.lower()):
-            match = 2
-        else:
-            continue
-        used = 0 if kind == "keyword" else near.get(name, 0) / (3 if kind == "word" else 1)
-        ranked.append(((match, label[-1:] != "=", scope - used, label), label, kind, detail))
-    out = []
+        match = 0 if name.startswith(prefix) else 1 if name.lower().startswith(lower) \
+            else 2 if _subsequence(lower, name.lower()) else None  # case, then any case, fuzzy
+        if match is not None:
+            used = 0 if kind == "keyword" else near.get(name, 0) / (3 if kind == "word" else 1)
+            ranked.append(((match, label[-1:] != "=", scope - used, label), label, kind, detail))
+    best: dict[str, dict] = {}  # each label once, where it ranks best
     for _, label, kind, detail in sorted(ranked):
-        if label not in seen:
-            seen.add(label)
-            shown = {"detail": detail[:100]} if detail else {}
-            out.append({"label": label, "kind": kind, **shown})
-    return out[:50]
+        shown = {"detail": detail[:100]} if detail else {}
+        best.setdefault(label, {"label": label, "kind": kind, **shown})
+    return list(best.values())[:50]
 
 
 def _subsequence(needle: str, hay: str) -> bool:
@@ -1207,21 +1210,6 @@ def _mend(text: str, keep: int, deadline: float) -> tuple[list[ast.stmt] | None,
     return None, bad
 
 
-def _scope_chain(tree: ast.Module, row: int, col: int) -> list[ast.AST]:
-    """The scopes that hold position (row, col), outermost first, module included."""
-    chain, node = [tree], tree
-    while True:
-        for child in ast.iter_child_nodes(node):
-            if getattr(child, "lineno", None) and (child.lineno - 1, child.col_offset) \
-                    <= (row, col) <= (child.end_lineno - 1, child.end_col_offset):
-                if isinstance(child, _SCOPES):
-                    chain.append(child)
-                node = child
-                break
-        else:
-            return chain
-
-
 def _names(parse: _Parse) -> list[Suggestion]:
     """Every name visible at the cursor, innermost scope first. A class body
     is visible only from itself, not from its methods (as Python has it)."""
@@ -1244,9 +1232,10 @@ def _bindings(scope: ast.AST, first: int = 0) -> dict[str, tuple[str, str | None
     local = "global" if isinstance(scope, ast.Module) else "local"
     in_class = isinstance(scope, ast.ClassDef)
     if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-        where = getattr(scope, "name", "lambda")
-        for a in _all_args(scope.args):
-            found[a.arg] = ("param", f"param of {where}")
+        where, args = getattr(scope, "name", "lambda"), scope.args
+        for a in [*args.posonlyargs, *args.args, args.vararg, *args.kwonlyargs, args.kwarg]:
+            if a:
+                found[a.arg] = ("param", f"param of {where}")
     if isinstance(scope, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
         todo = [g.target for g in scope.generators]
     else:
@@ -1254,39 +1243,27 @@ def _bindings(scope: ast.AST, first: int = 0) -> dict[str, tuple[str, str | None
     while todo:
         node = todo.pop()
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            found.setdefault(node.name, ("method" if in_class else "function", _signature(node)))
-            continue
+            signature = f"def {node.name}({ast.unparse(node.args)})"
+            found.setdefault(node.name, ("method" if in_class else "function", signature))
         elif isinstance(node, ast.ClassDef):
             bases = ", ".join(ast.unparse(b) for b in node.bases)
             found.setdefault(node.name, ("class", f"class {node.name}({bases})".replace("()", "")))
-            continue
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             for alias in node.names:
                 name = alias.asname or alias.name.split(".")[0]
                 source = f"import {alias.name}" if isinstance(node, ast.Import) \
                     else f"from {node.module or '.'} import {alias.name}"
                 found.setdefault(name, ("import", source))
-        elif isinstance(node, _SCOPES):
-            continue
         elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
             found.setdefault(node.id, ("attribute" if in_class else local,
                                        f"line {node.lineno + first}"))
         elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
             found.setdefault(node.name, (local, f"line {node.lineno + first}"))
-        elif isinstance(node, ast.expr) and not isinstance(node, ast.NamedExpr) \
-                and not isinstance(getattr(node, "ctx", None), ast.Store):
-            continue  # a value: nothing in it binds a name (but a rare := deep inside)
-        todo.extend(ast.iter_child_nodes(node))
+        a_value = isinstance(node, ast.expr) and not isinstance(node, ast.NamedExpr) \
+            and not isinstance(getattr(node, "ctx", None), ast.Store)
+        if not (isinstance(node, _SCOPES) or a_value):  # in a value nothing binds (but a rare :=)
+            todo.extend(ast.iter_child_nodes(node))
     return found
-
-
-def _all_args(args: ast.arguments) -> list[ast.arg]:
-    return [*args.posonlyargs, *args.args, *filter(None, [args.vararg]), *args.kwonlyargs,
-            *filter(None, [args.kwarg])]
-
-
-def _signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
-    return f"def {node.name}({ast.unparse(node.args)})"
 
 
 def _keyword_args(parse: _Parse) -> list[Suggestion]:
@@ -1294,20 +1271,16 @@ def _keyword_args(parse: _Parse) -> list[Suggestion]:
     keyword parameters as `name=`."""
     calls = [n.func.id for n in ast.walk(parse.tree) if isinstance(n, ast.Call)
              and isinstance(n.func, ast.Name) and _CURSOR in (getattr(a, "id", "") for a in n.args)]
-    if not calls:
-        return []
-    name = calls[0]
-    methods = [n for c in parse.classes().values() for n in c.body]
-    defined = [*parse.statements(parse.tree), *methods]
-    node = next((n for n in defined if getattr(n, "name", None) == name
-                 and isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))), None)
-    if isinstance(node, ast.ClassDef):
-        node = next((n for n in node.body if getattr(n, "name", None) == "__init__"
-                     and isinstance(n, ast.FunctionDef)), None)
+    defs = (ast.FunctionDef, ast.AsyncFunctionDef)
+    kinds = (*defs, ast.ClassDef)
+    defined = {n.name: n for n in parse.statements(parse.tree) if isinstance(n, kinds)}
+    node = defined.get(calls[0]) if calls else None
+    if isinstance(node, ast.ClassDef):  # its __init__'s
+        node = next((n for n in node.body if isinstance(n, defs) and n.name == "__init__"), None)
     if node is None:
         return []
     named = [*node.args.args[len(node.args.posonlyargs):], *node.args.kwonlyargs]
-    return [(f"{a.arg}=", "param", f"param of {name}", 0) for a in named
+    return [(f"{a.arg}=", "param", f"param of {calls[0]}", 0) for a in named
             if a.arg not in ("self", "cls")]
 
 
@@ -1374,15 +1347,16 @@ class ModuleNames:
 
     def __call__(self, name: str) -> dict[str, tuple[str, str | None]]:
         """{name: (kind, detail)} of module `name`; {} for anything outside the standard library."""
-        parent, _, child = name.rpartition(".")
-        if not _MODULE.match(name) or (self(parent).get(child, ("",))[0] != "import" if parent
-                                       else name not in sys.stdlib_module_names):
-            return {}  # only modules that their parent package lists: a bounded set
-        if name in ("antigravity", "this"):
-            return {}  # imported for what importing does: not even where runs are not isolated
-        known = self._known.get(name)
-        if known is None:
-            raise Unlearned(name)
+        parts = name.split(".")
+        standard = _MODULE.match(name) and parts[0] in sys.stdlib_module_names
+        if not standard or name in ("antigravity", "this"):  # imported for what importing does
+            return {}
+        for i in range(1, len(parts) + 1):  # only modules their package lists: a bounded set
+            known = self._known.get(".".join(parts[:i]))
+            if known is None:
+                raise Unlearned(".".join(parts[:i]))
+            if i < len(parts) and known.get(parts[i], ("",))[0] != "import":
+                return {}
         return known
 
     async def learn(self, name: str) -> None:
@@ -1554,7 +1528,6 @@ class Runner:
         self._pool = {name: collections.deque() for name in self.languages}
         self._live: set[_Process] = set()
         self._cgroup_base: list[Path] = []
-        self._count = 0
 
     @property
     def sandbox(self) -> str:
@@ -1655,8 +1628,8 @@ class Runner:
             status = -signal.SIGKILL
         elif self.bwrap and status > 128:
             status = 128 - status  # bwrap reports death by signal N as 128 + N
-        proc.pipe_data_received(1, b"", final=True)
-        proc.pipe_data_received(2, b"", final=True)
+        for fd in (1, 2):  # the decoders' last bytes
+            proc.pipe_data_received(fd, b"", final=True)
         self._discard(proc)
         return {"output": proc.text(), "stdout": proc.text("stdout"),
                 "stderr": proc.text("stderr"), "exitCode": status,
@@ -1684,9 +1657,8 @@ class Runner:
 
     async def _spawn(self, proc: _Process, argv: list[str]) -> None:
         """Start argv in the sandbox, with its limits, its cgroup, its own folder."""
-        self._count += 1
         self._live.add(proc)
-        proc.cgroups = _make_cgroup(self._cgroup_base, f"run{self._count}", self.config)
+        proc.cgroups = _make_cgroup(self._cgroup_base, f"run{id(proc)}", self.config)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/work"}
         fds: tuple[int, ...] = ()
         if self.bwrap and self.seccomp:  # bwrap reads the filter from a pipe
@@ -1703,7 +1675,7 @@ class Runner:
         try:
             await loop.subprocess_exec(
                 lambda: proc, *argv, cwd=proc.workdir, env=env, start_new_session=True,
-                pass_fds=fds, preexec_fn=functools.partial(_limit_child, self.config, proc.cgroups))
+                pass_fds=fds, preexec_fn=lambda: _limit_child(self.config, proc.cgroups))
         finally:
             for fd in fds:
                 os.close(fd)
@@ -1840,16 +1812,13 @@ def _make_cgroup_base() -> list[Path]:
 
 def _make_cgroup(bases: list[Path], name: str, config: Config) -> list[Path]:
     """A cgroup per run, capping its processes and memory (swap included)."""
-    groups = []
-    for base in bases:
-        group = base / name
+    for group in (groups := [base / name for base in bases]):
         group.mkdir()
         for knob, value in (("pids.max", config.max_procs), ("memory.max", config.max_memory),
                             ("memory.swap.max", 0), ("memory.limit_in_bytes", config.max_memory)):
             if (group / knob).exists():
                 with contextlib.suppress(OSError):
                     (group / knob).write_text(str(value))
-        groups.append(group)
     return groups
 
 
@@ -2110,13 +2079,6 @@ async def error_middleware(request: web.Request, handler: Callable) -> web.Strea
         return error_response(500, "internal", "the server failed; the error is logged")
 
 
-def _room(request: web.Request) -> Room:
-    room = request.app[ROOMS].get(request.match_info["roomId"])
-    if room is None:
-        raise PairError("room_not_found", "no room has this id", 404)
-    return room
-
-
 def _require_admin(request: web.Request) -> None:
     token = request.app[CONFIG].admin_token
     given = request.headers.get("Authorization", "")
@@ -2137,7 +2099,10 @@ async def create_room(request: web.Request) -> web.Response:
 
 async def get_room(request: web.Request) -> web.Response:
     """GET /rooms/{roomId} -> the room, its clients and its execution state."""
-    return web.json_response(_room(request).describe(), dumps=_dumps)
+    room = request.app[ROOMS].get(request.match_info["roomId"])
+    if room is None:
+        raise PairError("room_not_found", "no room has this id", 404)
+    return web.json_response(room.describe(), dumps=_dumps)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -2184,19 +2149,16 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                                compress=False)  # per-socket compression would undo encode-once
     await ws.prepare(request)  # accept first, then close with a code a browser can see
     room = rooms.get(room_id)
-    if not _origin_allowed(request):
-        await ws.close(code=CLOSE_FORBIDDEN, message=b"pages from this origin may not join")
-        return ws
-    if not _CLIENT_ID.match(client_id):
-        await ws.close(code=CLOSE_BAD_CLIENT, message=b"clientId: 1-64 of A-Z a-z 0-9 _ . -")
-        return ws
-    if room is None:
-        await ws.close(code=CLOSE_NO_ROOM, message=b"room not found")
-        return ws
-    old = room.clients.get(client_id)
-    if old is None and len(room.clients) >= config.max_clients:
-        await ws.close(code=CLOSE_FULL, message=b"room is full")
-        return ws
+    old = room.clients.get(client_id) if room else None  # this tab's previous socket, if any
+    full = room is not None and old is None and len(room.clients) >= config.max_clients
+    for refused, code, reason in (
+            (not _origin_allowed(request), CLOSE_FORBIDDEN, b"pages from this origin may not join"),
+            (not _CLIENT_ID.match(client_id), CLOSE_BAD_CLIENT, b"clientId: 1-64 of A-Za-z0-9_.-"),
+            (room is None, CLOSE_NO_ROOM, b"room not found"),
+            (full, CLOSE_FULL, b"room is full")):
+        if refused:
+            await ws.close(code=code, message=reason)
+            return ws
 
     name, room.unused = request.query.get("name", "")[:64] or client_id, False
     wants_code = request.query.get("full") in ("1", "true")  # the whole text in every code_update
@@ -2230,12 +2192,10 @@ def _receive(app: web.Application, room: Room, client: Client, data: str) -> Non
     """Handle one message from a client; a refusal goes back to it alone.
     This and every _on_* handler are synchronous (they never await), so the
     room's updates are applied in the order they arrive; a run is spawned."""
-    seq = None
+    seq = msg = None
     try:
-        try:
+        with contextlib.suppress(ValueError, RecursionError):  # RecursionError: nested too deep
             msg = json.loads(data)
-        except (ValueError, RecursionError):
-            raise PairError("bad_message", "a message must be one JSON object") from None
         if not isinstance(msg, dict):
             raise PairError("bad_message", "a message must be one JSON object")
         seq = msg.get("seq")
@@ -2320,10 +2280,8 @@ def create_app(**options: Any) -> web.Application:
     app[MODULES] = ModuleNames(lambda code, stdin: runner.run("python", code, stdin, LEARN_TIMEOUT,
                                                               source="autocomplete"))
     app.on_shutdown.append(_close_sockets)
-    app.cleanup_ctx.append(_storage_lifetime)
-    app.cleanup_ctx.append(_runner_lifetime)
-    app.cleanup_ctx.append(_expiry_lifetime)
-    routes = [
+    app.cleanup_ctx.extend([_storage_lifetime, _runner_lifetime, _expiry_lifetime])
+    app.add_routes([
         web.post("/rooms", create_room),
         web.get("/rooms/{roomId}", get_room),
         web.post("/autocomplete", autocomplete),
@@ -2334,8 +2292,7 @@ def create_app(**options: Any) -> web.Application:
         web.delete("/admin/rooms/{roomId}", admin_delete_room),
         web.get("/ws/{roomId}/{clientId}", websocket),
         web.get("/", index),
-    ]
-    app.add_routes(routes)
+    ])
     cors = aiohttp_cors.setup(app, defaults={origin: aiohttp_cors.ResourceOptions(
         allow_headers="*", expose_headers="*", allow_methods="*") for origin in config.cors_origin})
     for route in list(app.router.routes()):
@@ -2358,10 +2315,8 @@ def _parser() -> argparse.ArgumentParser:
         default = ", ".join(f.default) if isinstance(f.default, tuple) else f.default
         help = f.metadata["help"]
         help += "" if "default" in help else f" (default: {default})"
-        if isinstance(f.default, tuple):
-            parser.add_argument("--" + f.name.replace("_", "-"), action="append", help=help)
-        else:
-            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), help=help)
+        kind = {"action": "append"} if isinstance(f.default, tuple) else {"type": type(f.default)}
+        parser.add_argument("--" + f.name.replace("_", "-"), help=help, **kind)
     return parser
 
 

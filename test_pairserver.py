@@ -658,7 +658,8 @@ async def test_nothing_outside_the_standard_library_is_looked_at(server, tmp_pat
 async def test_completing_imports_never_runs_a_module_in_the_server():
     server = await Server.start()
     hostile = ["from unittest.__main__.x import ", "from this.x import ", "import this\nthis.",
-               "import antigravity\nantigravity.", "from lib2to3.__main__.x import "]
+               "import antigravity\nantigravity.", "from lib2to3.__main__.x import ",
+               "import " + ".".join(["os"] * 3000) + " as deep\ndeep."]  # no recursion per dot
     try:
         async with aiohttp.ClientSession(server.url) as http:
             for code in hostile:
@@ -1633,6 +1634,21 @@ def test_the_protocol_document_names_every_route_message_error_and_close_code():
     for code in (1001, 1009, pairserver.CLOSE_REPLACED, pairserver.CLOSE_BAD_CLIENT, pairserver.CLOSE_FORBIDDEN,
                  pairserver.CLOSE_NO_ROOM, pairserver.CLOSE_FULL):
         assert f"| {code} |" in doc, code
+
+
+def test_the_module_keeps_a_shape_one_can_read():
+    """The ceilings of the README: 2,400 lines in all, sections of at most 420,
+    the core path a newcomer reads first at most 1,000, no line over 100."""
+    lines = (HERE / "pairserver.py").read_text().split("\n")[:-1]
+    banners = [i for i, line in enumerate(lines) if line.startswith("# ---")
+               and i + 2 < len(lines) and lines[i + 2].startswith("# ---")]
+    sections = {lines[a + 1][2:]: b - a for a, b in zip(banners, banners[1:] + [len(lines)])}
+    core = ("Configuration", "Text and operations", "Rooms", "HTTP", "WebSocket", "Lifecycle")
+    read_first = banners[0] + sum(n for title, n in sections.items() if title.startswith(core))
+    assert len(sections) > 10 and sum(title.startswith(core) for title in sections) == len(core)
+    assert len(lines) <= 2400 and read_first <= 1000, (len(lines), read_first)
+    assert {title: n for title, n in sections.items() if n > 420} == {}
+    assert [i + 1 for i, line in enumerate(lines) if len(line) > 100] == []
 
 
 async def test_sigterm_closes_sockets_with_1001_and_exits_cleanly(tmp_path):
