@@ -463,6 +463,7 @@ class Client:
     wants_code: bool = False           #: wants the whole text in every code_update
     cursor: dict | None = None
     send_queue: int = 4 << 20
+    color: int = 0                     #: the smallest not taken in the room when it joined
 
     def send(self, frame: bytes) -> None:
         """Queue one frame made by _frame()."""
@@ -475,7 +476,7 @@ class Client:
         self.transport.write(frame)
 
     def describe(self) -> dict:
-        return {"clientId": self.id, "name": self.name}
+        return {"clientId": self.id, "name": self.name, "color": self.color}
 
 
 def _frame(text: str) -> bytes:
@@ -701,14 +702,10 @@ class Rooms:
         room = self.forget(room_id)
         if room is None:
             return False
-        await _close_all(room.clients.values(), CLOSE_NO_ROOM, b"room deleted")
+        await asyncio.gather(*(c.ws.close(code=CLOSE_NO_ROOM, message=b"room deleted")
+                               for c in list(room.clients.values())))
         log.info("room %s deleted", room_id)
         return True
-
-
-async def _close_all(clients, code: int, message: bytes) -> None:
-    """Close the sockets of a copy of `clients` at once."""
-    await asyncio.gather(*(c.ws.close(code=code, message=message) for c in list(clients) if c.ws))
 
 
 # ---------------------------------------------------------------------------
@@ -768,9 +765,6 @@ class Store:
         self.where, self.db = where, None  #: an sqlite3 connection, or an asyncpg pool
         self.postgres = where.startswith(("postgres://", "postgresql://"))
         self.shown = re.sub(r"://[^@/]*@", "://...@", where)  #: where, without a password
-
-    def __repr__(self) -> str:
-        return f"<Store {self.shown}>"
 
     async def load(self) -> list[tuple]:
         """Open the store, make its table if need be, and read every room."""
@@ -850,11 +844,11 @@ async def _flush(rooms: Rooms, store: Store, failing: bool = False) -> bool:
             room.changed = True
         rooms.gone |= gone
         if not failing:
-            log.error("cannot write rooms to %r (%s); serving from memory, retrying each second",
-                      store, e)
+            log.error("cannot write rooms to %s (%s); serving from memory, retrying each second",
+                      store.shown, e)
         return True
     if failing:
-        log.warning("%r works again: %d changed rooms written", store, len(rows))
+        log.warning("%s works again: %d changed rooms written", store.shown, len(rows))
     return False
 
 
@@ -876,7 +870,8 @@ async def _storage_lifetime(app: web.Application):
             break
         await asyncio.sleep(1)
     else:
-        log.error("could not write the rooms to %r at shutdown: recent changes are lost", store)
+        log.error("could not write the rooms to %s at shutdown: the last changes are lost",
+                  store.shown)
     await store.close()
 
 
@@ -950,11 +945,9 @@ class _Parse:
 
 def suggest(code: str, cursor: int, language: str = "python",
             modules: Callable[[str], dict] = lambda name: {}) -> dict:
-    """The SPEC's autocomplete answer for a cursor (a str index into code):
-    {"suggestions", "from", "to"} with str indexes. Reads only the lines
-    within SUGGEST_BEFORE / SUGGEST_AFTER of the cursor, so that its work is
-    bounded however long the text; `modules(name)` gives a standard-library
-    module's names (see ModuleNames)."""
+    """The SPEC's autocomplete answer for a cursor (a str index into code),
+    with str indexes, reading only the lines within SUGGEST_BEFORE and
+    SUGGEST_AFTER of it; `modules(name)` gives a module's names (ModuleNames)."""
     lo = max(0, cursor - SUGGEST_BEFORE[0])
     lo = (code.find("\n", lo, cursor) + 1 or lo) if lo else 0
     lo = cursor - len("\n".join(code[lo:cursor].split("\n")[-SUGGEST_BEFORE[1]:]))
@@ -1081,12 +1074,10 @@ def _attribute_words(code: str, start: int, cursor: int) -> list[str]:
 # ---------------------------------------------------------------------------
 
 def _parse_near(code: str, start: int, line0: int = 0) -> _Parse:
-    """Parse the text top-level block by top-level block, each on its own so
-    that a broken one costs only itself, and each but the cursor's from a
-    cache, since between two keystrokes only that one changes. The cursor's
-    is repaired so that the word at the cursor is a name in its innermost
-    scope. Parsing stops after SUGGEST_PARSE_SECONDS of CPU; the blocks it
-    did not reach this time are left out of the names."""
+    """Parse the text top-level block by block, so that a broken one costs only
+    itself, each but the cursor's from a cache (a keystroke changes one), the
+    cursor's repaired so that the word at the cursor is a name in its innermost
+    scope; for SUGGEST_PARSE_SECONDS of CPU, leaving out blocks not reached."""
     lines, deadline = code.split("\n"), time.thread_time() + SUGGEST_PARSE_SECONDS
     row, body, names = code.count("\n", 0, start), [], {}
     blocks = list(zip(tops := _blocks(lines), tops[1:] + [len(lines)]))
@@ -1409,9 +1400,7 @@ async def autocomplete(request: web.Request) -> web.Response:
 # the interpreter are already up, waiting on stdin for a header line with the
 # code's length, then the code, then the program's own stdin. So a short
 # program answers in the time it takes to run, not to start. That waiting
-# program, sandbox/run.py (run.js for node), is read from the folder beside this
-# module: it runs only in the sandbox, and like the user's code it is never
-# imported here.
+# program is sandbox/run.py (run.js for node), which runs only in the sandbox.
 
 class _Process(asyncio.SubprocessProtocol):
     """One started interpreter: its output (chunks in arrival order, decoded,
@@ -1456,11 +1445,10 @@ class _Process(asyncio.SubprocessProtocol):
 
 
 class Turns:
-    """Fair turns for runs: `size` at once. A freed slot goes to the waiting
-    source (a room, a REST client's address) with the fewest runs going, the
-    one served longest ago among equals (round robin); a source with
-    `per_source` runs waiting, or any once `total` wait, is refused with 429,
-    so one source cannot lock the others out."""
+    """Fair turns for runs, `size` at once: a freed slot goes to the waiting
+    source (a room, a REST client's address) with the fewest runs going, then
+    the one served longest ago; a source with `per_source` runs waiting, or any
+    once `total` wait, is refused with 429, so none can lock the others out."""
 
     def __init__(self, size: int, per_source: int, total: int) -> None:
         self.free, self.per_source, self.total = size, per_source, total
@@ -2129,12 +2117,14 @@ async def admin_delete_room(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-async def index(request: web.Request) -> web.StreamResponse:
-    """GET / -> the demo page."""
-    page = Path(request.app[CONFIG].static_dir, "index.html")
-    if not page.is_file():
+async def page(request: web.Request) -> web.StreamResponse:
+    """GET / and GET /editor.js -> the demo page and its prebuilt editor, each
+    gzipped where a .gz lies beside it, with an ETag to revalidate."""
+    name = "editor.js" if request.path.endswith("/editor.js") else "index.html"
+    path = Path(request.app[CONFIG].static_dir, name)
+    if not path.is_file():
         raise PairError("not_found", "the demo page is not shipped with this server", 404)
-    return web.FileResponse(page)
+    return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
 
 
 # ---------------------------------------------------------------------------
@@ -2162,11 +2152,16 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 
     name, room.unused = request.query.get("name", "")[:64] or client_id, False
     wants_code = request.query.get("full") in ("1", "true")  # the whole text in every code_update
-    client = Client(client_id, name, ws, request.transport, wants_code, None, config.send_queue)
+    taken = {c.color for c in room.clients.values()}
+    color = old.color if old else next(i for i in itertools.count() if i not in taken)
+    client = Client(client_id, name, ws, request.transport, wants_code, None, config.send_queue,
+                    color)
     room.clients[client_id] = client
     if old is not None:  # a reconnecting tab takes its place back; the others see no leave/join
         client.cursor = old.cursor
         rooms.spawn(old.ws.close(code=CLOSE_REPLACED, message=b"replaced"))
+        if old.name != name:
+            _broadcast(room, _message("rename", clientId=client_id, name=name), skip=client)
     client.send(_message("init", roomId=room.id, clientId=client_id, version=room.version,
                          code=room.text, language=room.language, execution=dict(room.execution),
                          clients=[{**c.describe(), "cursor": c.cursor}
@@ -2239,6 +2234,14 @@ def _on_cursor(room: Room, client: Client, msg: dict, app: web.Application) -> N
     _broadcast(room, _message("cursor", clientId=client.id, **shown), skip=client)
 
 
+def _on_rename(room: Room, client: Client, msg: dict, app: web.Application) -> None:
+    name = _field(msg, "name", str).strip()
+    if not 0 < len(name) <= 64:
+        raise PairError("bad_request", "'name' must be 1 to 64 characters")
+    client.name = name
+    _broadcast(room, _message("rename", clientId=client.id, name=name))
+
+
 def _on_language(room: Room, client: Client, msg: dict, app: web.Application) -> None:
     language = _field(msg, "language", str)
     room.set_language(language)
@@ -2248,6 +2251,8 @@ def _on_language(room: Room, client: Client, msg: dict, app: web.Application) ->
 _HANDLERS: dict[str, Callable[[Room, Client, dict, web.Application], None]] = {
     "code_update": _on_code_update,     # edits, rebased and echoed to everyone
     "cursor": _on_cursor,               # presence, to the others
+    "rename": _on_rename,               # a person's new name, to everyone
+    "ping": lambda room, client, msg, app: client.send(_message("pong")),  # a page's heartbeat
     "language": _on_language,           # the room's language, to everyone
     "execute": _on_execute,             # run the room's code, output to everyone
     "execute_cancel": _on_execute_cancel,
@@ -2260,8 +2265,8 @@ _HANDLERS: dict[str, Callable[[Room, Client, dict, web.Application], None]] = {
 
 async def _close_sockets(app: web.Application) -> None:
     """On shutdown, close every socket with 1001 so clients know to come back."""
-    await _close_all([c for room in app[ROOMS] for c in room.clients.values()],
-                     WSCloseCode.GOING_AWAY, b"server shutting down")
+    await asyncio.gather(*(c.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+                           for room in app[ROOMS] for c in list(room.clients.values())))
 
 
 def create_app(**options: Any) -> web.Application:
@@ -2291,7 +2296,8 @@ def create_app(**options: Any) -> web.Application:
         web.get("/admin/rooms", admin_rooms),
         web.delete("/admin/rooms/{roomId}", admin_delete_room),
         web.get("/ws/{roomId}/{clientId}", websocket),
-        web.get("/", index),
+        web.get("/", page),
+        web.get("/editor.js", page),
     ])
     cors = aiohttp_cors.setup(app, defaults={origin: aiohttp_cors.ResourceOptions(
         allow_headers="*", expose_headers="*", allow_methods="*") for origin in config.cors_origin})

@@ -1130,6 +1130,33 @@ async def test_create_and_get_a_room(server):
     assert room["createdAt"].endswith("Z") and room["code"] == made["code"]
 
 
+async def test_the_page_and_its_editor_are_served_compressed_and_revalidated(server):
+    page = await server.get("/")
+    assert page.status == 200 and "<script type=\"module\">" in await page.text()
+    resp = await server.get("/editor.js", headers={"Accept-Encoding": "gzip"})
+    assert resp.status == 200 and resp.headers["Content-Encoding"] == "gzip"
+    assert "javascript" in resp.headers["Content-Type"] and resp.headers["Cache-Control"] == "no-cache"
+    assert await resp.read() == (HERE / "static" / "editor.js").read_bytes()
+    again = await server.get("/editor.js", headers={"If-None-Match": resp.headers["ETag"]})
+    assert again.status == 304
+
+
+def test_the_editor_bundle_is_what_its_lock_file_builds(tmp_path):
+    """static/editor.js is committed so that nobody builds it; this rebuilds it
+    with the command beside it from what `npm ci` installed, and compares."""
+    static = HERE / "static"
+    if not (static / "node_modules" / ".bin" / "esbuild").exists():
+        pytest.skip("run `npm ci` in static/ first (.ci/run does)")
+    work = tmp_path / "static"
+    work.mkdir()
+    for name in ("editor-entry.js", "package.json"):
+        shutil.copy(static / name, work)
+    (work / "node_modules").symlink_to(static / "node_modules")
+    subprocess.run(["npm", "run", "--silent", "build"], cwd=work, check=True, capture_output=True)
+    for name in ("editor.js", "editor.js.gz"):
+        assert (work / name).read_bytes() == (static / name).read_bytes(), f"{name} differs: npm run build"
+
+
 async def test_create_room_without_body_and_ids_are_unguessable(server):
     ids = set()
     for _ in range(20):
@@ -1300,15 +1327,16 @@ async def test_init_and_presence(server):
     assert init == {"type": "init", "roomId": room, "clientId": "alice", "version": 0,
                     "code": "x = 1\n", "language": "python",
                     "execution": {"running": False, "clientId": None},
-                    "clients": [{"clientId": "alice", "name": "Alice", "cursor": None}]}
+                    "clients": [{"clientId": "alice", "name": "Alice", "color": 0, "cursor": None}]}
     bob, init = await join(server, room, "bob")
     assert [c["clientId"] for c in init["clients"]] == ["alice", "bob"]
     assert init["clients"][1]["name"] == "bob"  # name defaults to the clientId
-    assert await alice.receive_json(timeout=5) == {"type": "user_joined", "clientId": "bob", "name": "bob"}
+    bob_joined = {"clientId": "bob", "name": "bob", "color": 1}
+    assert await alice.receive_json(timeout=5) == {"type": "user_joined", **bob_joined}
     await bob.close()
-    assert await alice.receive_json(timeout=5) == {"type": "user_left", "clientId": "bob", "name": "bob"}
+    assert await alice.receive_json(timeout=5) == {"type": "user_left", **bob_joined}
     room_state = await (await server.get(f"/rooms/{room}")).json()
-    assert room_state["clients"] == [{"clientId": "alice", "name": "Alice"}]
+    assert room_state["clients"] == [{"clientId": "alice", "name": "Alice", "color": 0}]
     await alice.close()
 
 
@@ -1326,6 +1354,47 @@ async def test_cursors_go_to_the_others_are_clamped_and_follow_edits(server):
     await next_of(bob, "code_update")
     await bob.send_json({"type": "cursor", "position": "3"})
     await expect_error(bob, "bad_request")
+    for ws in (alice, bob):
+        await ws.close()
+
+
+async def test_everyone_in_a_room_gets_a_colour_of_their_own(server):
+    room = await make_room(server)
+    people = [await join(server, room, f"p{i}") for i in range(8)]
+    assert [c["color"] for c in people[-1][1]["clients"]] == list(range(8))  # well apart on the page
+    await people[3][0].close()
+    await next_of(people[0][0], "user_left")
+    _, init = await join(server, room, "newcomer")  # takes the colour set free
+    assert {c["clientId"]: c["color"] for c in init["clients"]}["newcomer"] == 3
+    again, init = await join(server, room, "p5")  # a reloaded tab keeps its own
+    assert {c["clientId"]: c["color"] for c in init["clients"]}["p5"] == 5
+    for ws, _ in people:
+        await ws.close()
+    await again.close()
+
+
+async def test_a_rename_reaches_everyone(server):
+    room, alice, bob = await two_in_room(server)
+    await bob.send_json({"type": "rename", "name": "  Bob B.  "})
+    for ws in (alice, bob):
+        assert await next_of(ws, "rename") == {"type": "rename", "clientId": "bob", "name": "Bob B."}
+    clients = (await (await server.get(f"/rooms/{room}")).json())["clients"]
+    assert [c["name"] for c in clients] == ["alice", "Bob B."]
+    for bad in ("", "   ", "x" * 65, 7):
+        await bob.send_json({"type": "rename", "name": bad})
+        await expect_error(bob, "bad_request")
+    tab2, _ = await join(server, room, "bob", name="Robert")  # a tab that comes back renamed
+    assert await next_of(alice, "rename") == {"type": "rename", "clientId": "bob", "name": "Robert"}
+    for ws in (alice, tab2):
+        await ws.close()
+
+
+async def test_a_ping_is_answered_with_a_pong_to_the_sender_alone(server):
+    room, alice, bob = await two_in_room(server)
+    await alice.send_json({"type": "ping"})
+    assert await next_of(alice, "pong") == {"type": "pong"}
+    await alice.send_json({"type": "cursor", "position": 0})
+    assert (await bob.receive_json(timeout=5))["type"] == "cursor"  # bob got no pong before it
     for ws in (alice, bob):
         await ws.close()
 
@@ -1745,35 +1814,44 @@ async def chromium():
     async with playwright.async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run", "--disable-sync"])
+            "--no-first-run", "--disable-sync", "--host-resolver-rules=MAP pair.test 127.0.0.1"])
         yield browser
         await browser.close()
 
 
 class Person:
-    """One person in a browser context of their own, and what their console said."""
+    """One person in a browser context of their own: what their console said,
+    and the messages their page sent."""
 
     def __init__(self, context, page):
-        self.context, self.page, self.errors = context, page, []
+        self.context, self.page, self.errors, self.sent = context, page, [], []
 
     @classmethod
-    async def open(cls, browser, server, room, name):
-        context = await browser.new_context(viewport={"width": 1280, "height": 800})
+    async def open(cls, browser, server, room, name, url=None, **context_options):
+        context = await browser.new_context(**{"viewport": {"width": 1280, "height": 800}, **context_options})
         page = await context.new_page()
         person = cls(context, page)
         page.on("console", lambda m: m.type == "error" and person.errors.append(m.text))
         page.on("pageerror", lambda e: person.errors.append(str(e)))
-        await page.add_init_script(f"localStorage.setItem('pairserver.name', {name!r})")
-        await page.goto(str(server.make_url("/")) + f"#room={room}")
+        page.on("websocket", lambda ws: ws.on("framesent", lambda data: person.sent.append(json.loads(data))))
+        await page.add_init_script(f"localStorage.getItem('pairserver.name') || "
+                                   f"localStorage.setItem('pairserver.name', {name!r})")
+        await page.goto((url or str(server.make_url("/"))) + f"#room={room}")
         await page.locator("#status.online").wait_for(timeout=10000)
         return person
 
     async def text(self) -> str:
-        return await self.page.input_value("#code")
+        return await self.page.evaluate("pairserver.view.state.doc.toString()")
 
-    async def caret_at(self, position: int) -> None:
-        await self.page.locator("#code").focus()
-        await self.page.evaluate(f"document.getElementById('code').setSelectionRange({position}, {position})")
+    async def caret_at(self, position: int, end: int | None = None) -> None:
+        """Put the caret (or select position..end) as a click or a drag would."""
+        await self.page.evaluate(f"pairserver.view.focus(); pairserver.view.dispatch("
+                                 f"{{selection: {{anchor: {position if end is None else end}, head: {position}}}, "
+                                 f"userEvent: 'select'}})")
+
+    async def peer(self, client_id: str) -> dict | None:
+        """Where this person's page shows another's caret: {head, anchor, name, color, active}."""
+        return (await self.page.evaluate("pairserver.peers()")).get(client_id)
 
 
 async def eventually(check, seconds=10.0):
@@ -1824,15 +1902,20 @@ async def test_page_a_run_streams_to_the_other_person_under_the_lock(server, chr
 async def test_page_typing_offline_is_sent_on_return(server, chromium):
     room = await make_room(server, "notes = []\n")
     alice, bob = [await Person.open(chromium, server, room, name) for name in ("Alice", "Bob")]
-    bob_id = await bob.page.evaluate("S.clientId")
+    bob_id = await bob.page.evaluate("pairserver.S.clientId")
     await bob.context.set_offline(True)
-    server.app[ROOMS].get(room).clients[bob_id].transport.abort()  # the network goes
+    if (gone := server.app[ROOMS].get(room).clients.get(bob_id)) is not None:
+        gone.transport.abort()  # the network goes (if the page has not closed on the offline event)
     await bob.page.locator("#status.offline").wait_for()
     await bob.caret_at(len("notes = []\n"))
     await bob.page.keyboard.type("notes.append('typed offline')\n")
+    await bob.page.locator("#status", has_text="edits waiting").wait_for()
+    assert await bob.page.locator("#run").is_disabled()
+    assert "Offline" in await bob.page.get_attribute("#run", "title")
     await alice.caret_at(0)
     await alice.page.keyboard.type("# online\n")
     await bob.context.set_offline(False)
+    await bob.page.locator("#status.online").wait_for(timeout=3000)  # at the online event, not a retry timer
 
     async def merged():
         texts = {await alice.text(), await bob.text(), await room_text(server, room)}
@@ -1843,15 +1926,23 @@ async def test_page_typing_offline_is_sent_on_return(server, chromium):
 
 
 async def test_page_autocomplete_inserts_the_chosen_name(server, chromium):
-    room = await make_room(server, "temperature_celsius = 21\n")
+    room = await make_room(server, "import os\ntemperature_celsius = 21\n")
     alice = await Person.open(chromium, server, room, "Alice")
-    await alice.caret_at(len("temperature_celsius = 21\n"))
-    await alice.page.keyboard.type("print(tem")
+    await alice.caret_at(len("import os\ntemperature_celsius = 21\n"))
+    await alice.page.keyboard.type("print(tem")  # the editor closes the bracket: print(tem|)
     await alice.page.keyboard.press("Control+Space")
-    await alice.page.locator("#popup li.active", has_text="temperature_celsius").wait_for()
-    await alice.page.keyboard.press("Enter")
-    assert await alice.text() == "temperature_celsius = 21\nprint(temperature_celsius"
-    await eventually(lambda: room_text_is(server, room, "temperature_celsius = 21\nprint(temperature_celsius"))
+    option = alice.page.locator(".cm-tooltip-autocomplete li[aria-selected]", has_text="temperature_celsius")
+    await option.wait_for()
+    assert "global" in await option.inner_text()  # the kind is shown
+    await option.click()
+    want = "import os\ntemperature_celsius = 21\nprint(temperature_celsius)"
+    assert await alice.text() == want
+    await eventually(lambda: room_text_is(server, room, want))
+    await alice.page.keyboard.press("End")
+    await alice.page.keyboard.type("\nos.")  # a dot opens it unasked
+    await alice.page.locator(".cm-tooltip-autocomplete li").first.wait_for()
+    await alice.page.keyboard.type("pa")
+    await alice.page.locator(".cm-tooltip-autocomplete li", has_text="pathsep").wait_for()  # asked again
     assert alice.errors == []
 
 
@@ -1872,9 +1963,184 @@ async def test_page_makes_a_room_and_says_when_a_room_is_unknown(server, chromiu
     await page.click("#create")
     await page.locator("#status.online").wait_for()
     room = page.url.split("#room=")[1]
-    assert await page.input_value("#code") == "print('starter')\n" == await room_text(server, room)
+    text = await page.evaluate("pairserver.view.state.doc.toString()")
+    assert text == "print('starter')\n" == await room_text(server, room)
     assert errors == []
     await context.close()
+
+
+async def client_id(person) -> str:
+    return await person.page.evaluate("pairserver.S.clientId")
+
+
+async def in_view(locator) -> bool:
+    """Whether an element is drawn inside the editor's visible area."""
+    if not await locator.count():
+        return False
+    return await locator.first.evaluate("e => { const r = e.getBoundingClientRect(), s = document.querySelector("
+                                        "'.cm-scroller').getBoundingClientRect(); "
+                                        "return r.top >= s.top && r.bottom <= s.bottom; }")
+
+
+async def test_page_each_person_sees_the_others_carets_and_selections(server, chromium):
+    room = await make_room(server, "first line\nsecond line\nthird line\n")
+    alice, bob = [await Person.open(chromium, server, room, name) for name in ("Alice", "Bob")]
+    bob_id = await client_id(bob)
+    await bob.caret_at(11, 17)  # selects "second" from its end, the caret before it
+    await alice.page.locator(".cm-peer", has_text="Bob").wait_for(state="attached")
+    assert {k: v for k, v in (await alice.peer(bob_id)).items() if k != "active"} == \
+        {"id": bob_id, "head": 11, "anchor": 17, "name": "Bob", "color": 1}
+    band = alice.page.locator(".cm-content span[style*='background-color']", has_text="second")
+    await band.wait_for()
+    hues = await alice.page.evaluate("[...Array(8).keys()].map(i => +pairserver.color(i).match(/hsl\\((\\d+)/)[1])")
+    gaps = [min(abs(a - b), 360 - abs(a - b)) for i, a in enumerate(hues) for b in hues[i + 1:]]
+    assert min(gaps) >= 40  # eight people, eight colours well apart
+    await alice.caret_at(0)
+    await alice.page.keyboard.type("# ")  # text before Bob's selection moves it along, on both screens
+
+    async def moved():
+        peer = await alice.peer(bob_id)
+        mine = await bob.page.evaluate("(s => [s.head, s.anchor])(pairserver.view.state.selection.main)")
+        return (peer["head"], peer["anchor"]) == (13, 19) and mine == [13, 19]
+    await eventually(moved)
+    await bob.caret_at(5)  # the name shows while Bob moves, then only on hover
+    await alice.page.locator(".cm-peer.active .cm-peer-name", has_text="Bob").wait_for()
+    await alice.page.locator(".cm-peer:not(.active)", has_text="Bob").wait_for(state="attached")
+    SHOTS.mkdir(exist_ok=True)
+    await alice.page.screenshot(path=SHOTS / "carets-alice.png")
+    assert alice.errors == bob.errors == []
+
+
+async def test_page_undo_takes_back_only_your_own_edits(server, chromium):
+    room = await make_room(server, "a = 1\nb = 2\n")
+    alice, bob = [await Person.open(chromium, server, room, name) for name in ("Alice", "Bob")]
+    await alice.caret_at(len("a = 1"))
+    await alice.page.keyboard.type(" + 10")
+    await eventually(lambda: room_text_is(server, room, "a = 1 + 10\nb = 2\n"))
+    await bob.caret_at(len("a = 1 + 10\nb = 2"))
+    await bob.page.keyboard.type(" * 3")
+
+    async def everyone_has(text):
+        return {await alice.text(), await bob.text(), await room_text(server, room)} == {text}
+    await eventually(lambda: everyone_has("a = 1 + 10\nb = 2 * 3\n"))
+    await alice.page.keyboard.press("Control+z")  # Alice's edit goes, Bob's stays
+    await eventually(lambda: everyone_has("a = 1\nb = 2 * 3\n"))
+    await alice.page.keyboard.press("Control+Shift+z")
+    await eventually(lambda: everyone_has("a = 1 + 10\nb = 2 * 3\n"))
+    await bob.page.keyboard.press("Control+z")
+    await eventually(lambda: everyone_has("a = 1 + 10\nb = 2\n"))
+    assert alice.errors == bob.errors == []
+
+
+async def test_page_an_idle_person_sends_no_cursor_messages(server, chromium):
+    room = await make_room(server, "x = 1\n")
+    alice, bob = [await Person.open(chromium, server, room, name) for name in ("Alice", "Bob")]
+    await alice.caret_at(len("x = 1\n"))
+    alice.sent.clear()
+    bob.sent.clear()
+    started = time.monotonic()
+    await alice.page.keyboard.type("twenty keys, typed!!")  # 20 keys
+    typed = time.monotonic() - started
+    await eventually(lambda: room_text_is(server, room, "x = 1\ntwenty keys, typed!!"))
+    await eventually(lambda: text_is(bob, "x = 1\ntwenty keys, typed!!"))
+    assert [m for m in bob.sent if m["type"] == "cursor"] == []  # others' edits move no one
+    cursors = [m for m in alice.sent if m["type"] == "cursor"]
+    assert 1 <= len(cursors) <= typed / 0.05 + 2  # at most one each 50 ms
+    assert cursors[-1]["position"] == len("x = 1\ntwenty keys, typed!!")
+    assert alice.errors == bob.errors == []
+
+
+async def text_is(person, text) -> bool:
+    return await person.text() == text
+
+
+async def test_page_go_to_a_person_and_follow_them(server, chromium):
+    room = await make_room(server, "".join(f"line_{i} = {i}\n" for i in range(300)))
+    alice, bob = [await Person.open(chromium, server, room, name) for name in ("Alice", "Bob")]
+    line = lambda n: sum(len(f"line_{i} = {i}\n") for i in range(n))  # noqa: E731
+    await bob.caret_at(line(250))
+    bobs_caret = alice.page.locator(".cm-peer", has_text="Bob")
+    await alice.page.locator("#people li", has_text="line 251").wait_for()
+    assert not await in_view(bobs_caret)
+    await alice.page.locator("#people .who", has_text="Bob").click()  # go to Bob
+    await eventually(lambda: in_view(bobs_caret))
+    await alice.page.locator("#people .follow").click()  # and follow him
+    await bob.caret_at(line(20))
+    await eventually(lambda: in_view(bobs_caret))
+    await bob.caret_at(line(290))
+    await eventually(lambda: in_view(bobs_caret))
+    assert await alice.page.get_attribute("#people .follow", "aria-pressed") == "true"
+    assert alice.errors == bob.errors == []
+
+
+async def test_page_copy_link_on_plain_http_at_a_name_other_than_localhost(aiohttp_client, chromium):
+    server = await aiohttp_client(create_app(allow_host=("pair.test",), heartbeat=0))
+    room = await make_room(server)
+    url = f"http://pair.test:{server.port}/"  # as in a workshop on a LAN: not a secure context
+    alice = await Person.open(chromium, server, room, "Alice", url=url)
+    assert not await alice.page.evaluate("isSecureContext")
+    await alice.page.click("#copy")
+    await alice.page.locator("#notice", has_text=re.compile(r"Link copied|Ctrl\+C")).wait_for()
+    assert await alice.page.input_value("#link") == f"{url}#room={room}"
+    await alice.page.locator("#notice").wait_for(state="hidden")  # notices fade
+    assert alice.errors == []
+
+
+async def test_page_finds_a_silent_network_and_reconnects(server, chromium):
+    room = await make_room(server, "x = 1\n")
+    alice = await Person.open(chromium, server, room, "Alice")
+    old = server.app[ROOMS].get(room).clients[await client_id(alice)]
+    old.transport.pause_reading()  # the server hears nothing more and so says nothing: a silent network
+
+    async def reconnected():
+        now = server.app[ROOMS].get(room).clients.get(await client_id(alice))
+        return now is not None and now is not old
+    await eventually(reconnected, seconds=6)  # found silent within 5 s, and a new socket at once
+    await alice.page.locator("#status.online").wait_for()
+    await alice.caret_at(0)
+    await alice.page.keyboard.type("# back\n")
+    await eventually(lambda: room_text_is(server, room, "# back\nx = 1\n"))
+    assert alice.errors == []
+
+
+async def test_page_a_name_is_changed_in_place_and_remembered(server, chromium):
+    room = await make_room(server)
+    alice, bob = [await Person.open(chromium, server, room, name) for name in ("Alice", "Bob")]
+    await bob.page.fill("#name", "Robert")
+    await bob.page.press("#name", "Enter")
+    await alice.page.locator("#people li", has_text="Robert").wait_for()
+    clients = (await (await server.get(f"/rooms/{room}")).json())["clients"]
+    assert sorted(c["name"] for c in clients) == ["Alice", "Robert"]
+    await bob.page.reload()
+    await bob.page.locator("#status.online").wait_for()
+    assert await bob.page.input_value("#name") == "Robert"
+    assert alice.errors == bob.errors == []
+
+
+async def test_page_at_400_pixels_and_in_dark_mode(server, chromium):
+    room = await make_room(server, "print('hello from a phone')\n")
+    narrow = await Person.open(chromium, server, room, "Alice", viewport={"width": 400, "height": 800})
+    dark = await Person.open(chromium, server, room, "Bob", color_scheme="dark")
+    assert await narrow.page.evaluate("document.activeElement.classList.contains('cm-content')")  # focused
+    assert await narrow.page.evaluate("document.documentElement.scrollWidth") <= 400
+    for selector in ("#editor", "#run", "#output"):
+        await narrow.page.locator(selector).scroll_into_view_if_needed()
+        box = await narrow.page.locator(selector).bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 400, selector
+    await narrow.page.click("#run")
+    await narrow.page.locator("#output", has_text="hello from a phone").wait_for()
+    await dark.page.click("#copy")
+    await dark.page.locator("#notice").wait_for()
+
+    def lightness(css):  # rgb(r, g, b) -> 0..1
+        return sum(map(int, re.findall(r"\d+", css)[:3])) / 765
+    for selector in (".cm-editor", "#notice", "body"):
+        background = await dark.page.eval_on_selector(selector, "e => getComputedStyle(e).backgroundColor")
+        assert lightness(background) < 0.3, (selector, background)
+    SHOTS.mkdir(exist_ok=True)
+    await narrow.page.screenshot(path=SHOTS / "narrow-400px.png", full_page=True)
+    await dark.page.screenshot(path=SHOTS / "dark.png")
+    assert narrow.errors == dark.errors == []
 
 
 NODE_CHECK = """
