@@ -4,6 +4,7 @@
     python bench.py execute [--runs 50 --seconds 10]
     python bench.py autocomplete [--files 25 --per-file 8 --seed 7]
     python bench.py hostile
+    python bench.py page
 
 collab: R rooms x C clients, each client typing one character at a steady
 rate over a real WebSocket. It reports edit->peer latency (from a client
@@ -23,6 +24,14 @@ read keeps its first one or two letters and the rest of its line is dropped,
 as a person typing would leave it. Top-1, top-5 and mean reciprocal rank per
 kind of name, and latency, for pairserver's suggest() and for Jedi (installed
 for the benchmark only) on the same cases.
+
+page: two people in real browsers (Chromium, headless, driven by Playwright)
+in one room. The time from a key going down on one page to the character in
+the other page's editor, median of 20 keys, on a 20-line and a 2,000-line
+file, beside the floor under it: a message from one page to the other through
+the server, with no editor. And the time a keystroke takes in its own page
+(key down to the edit handled and sent) on a 10,000-line file, beside the same
+on a 20-line file.
 
 hostile: the CPU time of suggest() on 1 MB texts made to be slow (lines of
 brackets, dots, quotes, names, thousands of short lines, broken lines), at the
@@ -536,6 +545,111 @@ async def completion_memory(proc: subprocess.Popen, port: int) -> tuple[int, int
         return before, rss_kib(proc.pid)
 
 
+# ---------------------------------------------------------------------------
+# page: the editor in real browsers
+# ---------------------------------------------------------------------------
+
+NOW = "performance.timeOrigin + performance.now()"  # the same clock on every page of the machine
+
+
+async def open_pair(browser, port: int, code: str):
+    """Alice's and Bob's pages in a new room holding code, Alice's caret at the end."""
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(f"http://127.0.0.1:{port}/rooms", json={"code": code})
+        room = (await resp.json())["roomId"]
+    pages = []
+    for name in ("Alice", "Bob"):
+        page = await (await browser.new_context()).new_page()
+        await page.add_init_script(f"localStorage.setItem('pairserver.name', '{name}')")
+        await page.goto(f"http://localhost:{port}/#room={room}")
+        await page.locator("#status.online").wait_for(timeout=15000)
+        pages.append(page)
+    alice, bob = pages
+    await alice.evaluate(f"""window.keys = []; window.handled = [];
+        addEventListener("keydown", () => keys.push({NOW}), true);
+        pairserver.S.onLocal = () => handled.push({NOW});
+        pairserver.view.focus(); pairserver.view.dispatch({{selection: {{anchor: {len(code)}}}}})""")
+    await bob.evaluate(f"window.seen = []; pairserver.S.onRemote = () => seen.push({NOW})")
+    return alice, bob
+
+
+async def clock_offset(alice, bob) -> float:
+    """Bob's page clock minus Alice's, in ms: each page has its own time origin.
+    Read Alice's, Bob's, Alice's again; the tightest of 30 tries bounds the error."""
+    best = (float("inf"), 0.0)
+    for _ in range(30):
+        a1, b1, a2 = await alice.evaluate(NOW), await bob.evaluate(NOW), await alice.evaluate(NOW)
+        best = min(best, (a2 - a1, b1 - (a1 + a2) / 2))
+    return best[1]
+
+
+async def keys_to_other_screen(alice, bob, keys: int) -> tuple[list[float], list[float]]:
+    """Per key: (key down to the other screen, key down to handled in its own page), in ms."""
+    await alice.evaluate("keys.length = 0; handled.length = 0")
+    await bob.evaluate("seen.length = 0")
+    for i in range(keys):
+        await alice.keyboard.press("x")
+        await bob.wait_for_function(f"seen.length > {i}")
+    offset = await clock_offset(alice, bob)
+    down, handled, seen = [await alice.evaluate(v) for v in ("keys", "handled")] + [await bob.evaluate("seen")]
+    return [s - offset - d for d, s in zip(down, seen)], [h - d for d, h in zip(down, handled)]
+
+
+async def page_bench(port: int, keys: int) -> None:
+    from playwright.async_api import async_playwright
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"])
+        rows = {}
+        for lines in (20, 2000, 10000):
+            code = "".join(f"value_{i} = {i} * 2  # line {i}\n" for i in range(lines))
+            alice, bob = await open_pair(browser, port, code)
+            await keys_to_other_screen(alice, bob, 3)  # warm up
+            rows[lines] = await keys_to_other_screen(alice, bob, keys)
+            if lines == 20:
+                rows["floor"] = await floor_times(alice, bob, keys)
+        await browser.close()
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    print(f"page: {keys} keys each, median ms (Chromium headless, key presses injected by Playwright)")
+    base = med(rows["floor"])
+    print(f"key down -> a message to the other page, no editor (floor) {base:7.2f}")
+    for lines, target in ((20, 3), (2000, 5)):
+        other = med(rows[lines][0])
+        print(f"key down -> the other screen, {lines:>5} lines               {other:7.2f}   "
+              f"{other / base:.2f}x the floor; the editor adds {other - base:.2f} (target <= {target})")
+    own, small = med(rows[10000][1]), med(rows[20][1])
+    print(f"key down -> handled in its own page, 10,000 lines        {own:7.2f}   "
+          f"{own / small:.2f}x a 20-line file ({small:.2f}; target < 16)")
+
+
+async def floor_times(alice, bob, keys: int) -> list[float]:
+    """The floor: a key that the editor ignores (F2), whose keydown handler
+    sends a message straight into the socket; the other page hears it. The
+    same path as a typed key (the same injected input, the same frame after it,
+    the server, the other page) without the editor."""
+    await alice.evaluate("window.sentAt = []; addEventListener('keydown', e => e.key === 'F2' && "
+                         f"(sentAt.push({NOW}), pairserver.S.ws.send(JSON.stringify("
+                         "{type: 'cursor', position: 0}))), true)")
+    await bob.evaluate("window.heardAt = []; pairserver.S.ws.addEventListener('message', e => "
+                       f"JSON.parse(e.data).type === 'cursor' && heardAt.push({NOW}))")
+    for i in range(keys):
+        await alice.keyboard.press("F2")
+        await bob.wait_for_function(f"heardAt.length > {i}")
+    offset = await clock_offset(alice, bob)
+    return [h - offset - s for s, h in zip(await alice.evaluate("sentAt"), await bob.evaluate("heardAt"))]
+
+
+def page(args: argparse.Namespace) -> None:
+    port = free_port()
+    proc = start("pairserver", port, "--rooms-per-minute", "0")
+    try:
+        asyncio.run(page_bench(port, args.keys))
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="name", required=True)
@@ -556,6 +670,8 @@ def main() -> None:
     a.add_argument("--per-file", type=int, default=8)
     a.add_argument("--seed", type=int, default=7)
     sub.add_parser("hostile", help="autocomplete's CPU time on texts made to be slow")
+    g = sub.add_parser("page", help="key to the other person's screen, in real browsers")
+    g.add_argument("--keys", type=int, default=20)
     r = sub.add_parser("relay", help="run the bare relay (the baseline) alone")
     r.add_argument("--port", type=int, default=8766)
     args = parser.parse_args()
@@ -563,7 +679,7 @@ def main() -> None:
         web.run_app(relay_app(), port=args.port, print=None, access_log=None)
     else:
         {"collab": collab, "execute": execute, "autocomplete": autocomplete,
-         "hostile": hostile}[args.name](args)
+         "hostile": hostile, "page": page}[args.name](args)
 
 
 if __name__ == "__main__":
