@@ -805,10 +805,8 @@ class Store:
             self.db.executemany(_DROP, gone_rows)
 
     async def close(self) -> None:
-        if self.postgres and self.db:
-            await self.db.close()
-        elif self.db:
-            self.db.close()
+        if self.db:
+            await (self.db.close() if self.postgres else asyncio.to_thread(self.db.close))
 
 
 def _numbered(query: str) -> str:
@@ -1123,8 +1121,7 @@ class _Memo:
     def get(self, key: Any) -> Any:
         if key in self.items:
             self.items.move_to_end(key)
-            return self.items[key][0]
-        return None
+        return self.items.get(key, (None,))[0]
 
     def put(self, key: Any, value: Any, weight: int) -> None:
         if key in self.items:
