@@ -2143,6 +2143,36 @@ async def test_page_at_400_pixels_and_in_dark_mode(server, chromium):
     assert narrow.errors == dark.errors == []
 
 
+async def test_page_editor_changes_and_operations_convert_both_ways(server, chromium):
+    """The page turns CodeMirror's change sets into operations and back: on
+    random texts (emoji included) and random changes, both give CodeMirror's text."""
+    room = await make_room(server)
+    alice = await Person.open(chromium, server, room, "Alice")
+    failures = await alice.page.evaluate("""() => {
+        const { view, fromChanges, toChanges, applyOp } = pairserver, ChangeSet = view.state.changes().constructor;
+        let seed = 7; const rand = n => (seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) % n;
+        const pieces = ["a", "b", "\\n", "😀", "xyz", ""], failures = [];
+        for (let round = 0; round < 500; round++) {
+            let doc = ""; for (let i = rand(12); i > 0; i--) doc += pieces[rand(pieces.length)];
+            const specs = [], at = [...Array(rand(4)).keys()].map(() => rand(doc.length + 1)).sort((x, y) => x - y);
+            let last = 0;
+            for (const from of at) {
+                if (from < last) continue;
+                const to = Math.min(doc.length, from + rand(3));
+                specs.push({ from, to, insert: pieces[rand(pieces.length)] }); last = to;
+            }
+            const changes = ChangeSet.of(specs, doc.length), want = changes.apply(view.state.doc.constructor
+                .of(doc.split("\\n"))).toString();
+            const op = fromChanges(changes), back = ChangeSet.of(toChanges(op), doc.length);
+            const viaBack = back.apply(view.state.doc.constructor.of(doc.split("\\n"))).toString();
+            if (applyOp(doc, op) !== want || viaBack !== want) failures.push({ doc, specs });
+        }
+        return failures.slice(0, 3);
+    }""")
+    assert failures == []
+    assert alice.errors == []
+
+
 NODE_CHECK = """
 const cases = JSON.parse(require("fs").readFileSync(0, "utf8"));
 console.log(JSON.stringify(cases.map(([text, a, b]) => ({
