@@ -2173,6 +2173,44 @@ async def test_page_editor_changes_and_operations_convert_both_ways(server, chro
     assert alice.errors == []
 
 
+async def test_page_three_people_typing_at_random_places_lose_nothing(server, chromium):
+    """Each person makes 40 edits at random places as fast as their page goes,
+    all at once: every token typed survives exactly once, deletes included
+    elsewhere, and the three screens and the server end equal."""
+    room = await make_room(server, "start\n")
+    people = [await Person.open(chromium, server, room, name) for name in ("Ann", "Ben", "Cy")]
+    typing = """async ([mark, seed]) => {
+        const view = pairserver.view; let s = seed;
+        const rand = n => (s = (Math.imul(s, 1103515245) + 12345) >>> 0) % n;
+        for (let i = 0; i < 40; i++) {
+            const doc = view.state.doc.toString(), spots = [0], letters = [];
+            for (let k = 0; k < doc.length; k++) {
+                if (/[a-z]/.test(doc[k])) letters.push(k);  // the letters of 'start'
+                if (/[a-z>\\n]/.test(doc[k])) spots.push(k + 1);  // never inside a token
+            }
+            if (i % 4 === 3 && letters.length) {
+                const at = letters[rand(letters.length)];
+                view.dispatch({ changes: { from: at, to: at + 1 }, userEvent: "delete" });
+            } else view.dispatch({ changes: { from: spots[rand(spots.length)], insert: `<${mark}${i}>` },
+                                   userEvent: "input" });
+            await new Promise(r => setTimeout(r, rand(15)));
+        }
+    }"""
+    await asyncio.gather(*(p.page.evaluate(typing, [mark, seed])
+                           for p, mark, seed in zip(people, "ABC", (1, 2, 3))))
+
+    async def converged():
+        texts = {await p.text() for p in people} | {await room_text(server, room)}
+        return len(texts) == 1
+    await eventually(converged, 20)
+    text = await room_text(server, room)
+    for mark in "ABC":
+        typed = [i for i in range(40) if i % 4 != 3 or f"<{mark}{i}>" in text]  # no letter left: a token
+        assert [text.count(f"<{mark}{i}>") for i in typed] == [1] * len(typed), (mark, text)
+        assert len(typed) >= 30
+    assert all(p.errors == [] for p in people)
+
+
 NODE_CHECK = """
 const cases = JSON.parse(require("fs").readFileSync(0, "utf8"));
 console.log(JSON.stringify(cases.map(([text, a, b]) => ({
