@@ -29,7 +29,8 @@ page: two people in real browsers (Chromium, headless, driven by Playwright)
 in one room. The time from a key going down on one page to the character in
 the other page's editor, median of 20 keys, on a 20-line and a 2,000-line
 file, beside the floor under it: a message from one page to the other through
-the server, with no editor. And the time a keystroke takes in its own page
+the server, with no editor; and beside the textarea page this one replaced
+(taken from git, served by the same server). And the time a keystroke takes in its own page
 (key down to the edit handled and sent) on a 10,000-line file, beside the same
 on a 20-line file.
 
@@ -595,7 +596,33 @@ async def keys_to_other_screen(alice, bob, keys: int) -> tuple[list[float], list
     return [s - offset - d for d, s in zip(down, seen)], [h - d for d, h in zip(down, handled)]
 
 
-async def page_bench(port: int, keys: int) -> None:
+TEXTAREA_PAGE = "d763021"  #: the last commit whose page was a textarea, not CodeMirror
+
+
+async def textarea_page(browser, port: int, code: str, keys: int) -> list[float]:
+    """The same keys on the page as it was before CodeMirror (its script's
+    globals: the textarea `ed`, `receive`), served by this server."""
+    async with aiohttp.ClientSession() as http:
+        room = (await (await http.post(f"http://127.0.0.1:{port}/rooms", json={"code": code})).json())["roomId"]
+    alice, bob = [await (await browser.new_context()).new_page() for _ in range(2)]
+    for page in (alice, bob):
+        await page.goto(f"http://localhost:{port}/#room={room}")
+        await page.locator("#status.online").wait_for(timeout=15000)
+    await alice.evaluate(f"window.keys = []; addEventListener('keydown', () => keys.push({NOW}), true); "
+                         "ed.focus(); ed.setSelectionRange(ed.value.length, ed.value.length)")
+    await bob.evaluate(f"window.seen = []; const r = receive; receive = m => {{ r(m); "
+                       f"if (m.type === 'code_update') seen.push({NOW}); }}; 0")
+    for i in range(keys + 3):
+        await alice.keyboard.press("x")
+        await bob.wait_for_function(f"seen.length > {i}")
+    offset = await clock_offset(alice, bob)
+    keys_down, seen = (await alice.evaluate("keys"))[3:], (await bob.evaluate("seen"))[3:]
+    for page in (alice, bob):
+        await page.context.close()
+    return [s - offset - d for d, s in zip(keys_down, seen)]
+
+
+async def page_bench(port: int, keys: int, old_port: int | None) -> None:
     from playwright.async_api import async_playwright
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     async with async_playwright() as pw:
@@ -609,6 +636,10 @@ async def page_bench(port: int, keys: int) -> None:
             rows[lines] = await keys_to_other_screen(alice, bob, keys)
             if lines == 20:
                 rows["floor"] = await floor_times(alice, bob, keys)
+            for page in (alice, bob):  # each measurement with only its own two pages open
+                await page.context.close()
+            if old_port and lines < 10000:
+                rows["textarea", lines] = await textarea_page(browser, old_port, code, keys)
         await browser.close()
     med = lambda xs: statistics.median(xs)  # noqa: E731
     print(f"page: {keys} keys each, median ms (Chromium headless, key presses injected by Playwright)")
@@ -618,6 +649,10 @@ async def page_bench(port: int, keys: int) -> None:
         other = med(rows[lines][0])
         print(f"key down -> the other screen, {lines:>5} lines               {other:7.2f}   "
               f"{other / base:.2f}x the floor; the editor adds {other - base:.2f} (target <= {target})")
+        if ("textarea", lines) in rows:
+            old = med(rows["textarea", lines])
+            print(f"   the textarea page of {TEXTAREA_PAGE}, {lines:>5} lines           {old:7.2f}   "
+                  f"this page takes {other / old:.2f}x its time")
     own, small = med(rows[10000][1]), med(rows[20][1])
     print(f"key down -> handled in its own page, 10,000 lines        {own:7.2f}   "
           f"{own / small:.2f}x a 20-line file ({small:.2f}; target < 16)")
@@ -641,13 +676,24 @@ async def floor_times(alice, bob, keys: int) -> list[float]:
 
 
 def page(args: argparse.Namespace) -> None:
-    port = free_port()
-    proc = start("pairserver", port, "--rooms-per-minute", "0")
+    """This page, and the textarea page before it (from git, if this is a
+    clone), each served by this server."""
+    port, old_port, procs = free_port(), None, []
+    old = tempfile.mkdtemp(prefix="pairserver-textarea-")
+    shown = subprocess.run(["git", "show", f"{TEXTAREA_PAGE}:static/index.html"], cwd=HERE,
+                           capture_output=True, text=True)
     try:
-        asyncio.run(page_bench(port, args.keys))
+        procs.append(start("pairserver", port, "--rooms-per-minute", "0"))
+        if shown.returncode == 0:
+            Path(old, "index.html").write_text(shown.stdout)
+            old_port = free_port()
+            procs.append(start("pairserver", old_port, "--rooms-per-minute", "0", "--static-dir", old))
+        asyncio.run(page_bench(port, args.keys, old_port))
     finally:
-        proc.terminate()
-        proc.wait()
+        for proc in procs:
+            proc.terminate()
+            proc.wait()
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def main() -> None:
