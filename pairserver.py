@@ -261,11 +261,12 @@ def _push(op: Op, c: int | str) -> None:
         return
     last = op[-1] if op else None
     after_delete = isinstance(last, int) and last < 0
+    same_kind = type(last) is type(c) and (isinstance(c, str) or (last > 0) == (c > 0))
     if isinstance(c, str) and after_delete:
         op.pop()
         _push(op, c)
         op.append(last)
-    elif type(last) is type(c) and (isinstance(c, str) or (last > 0) == (c > 0)):
+    elif same_kind:
         op[-1] += c  # two inserts, two keeps or two deletes
     else:
         op.append(c)
@@ -592,8 +593,8 @@ class Room:
         self.version, self.updated_at, self.changed = self.version + 1, _now(), True
         self.history.append((op, deleted))
         self.history_units += _weight(op, deleted)
-        while len(self.history) > self.history_size or (
-                self.history_units > HISTORY_TEXTS * self.max_code and len(self.history) > 1):
+        while len(self.history) > (1 if self.history_units > HISTORY_TEXTS * self.max_code
+                                   else self.history_size):  # too heavy: down to the last
             self.history_units -= _weight(*self.history.popleft())
         for client in self.clients.values():
             if client.cursor:
@@ -1188,7 +1189,8 @@ def _mend(text: str, keep: int, deadline: float) -> tuple[list[ast.stmt] | None,
             return ast.parse("\n".join(lines)).body, -1
         except SyntaxError as e:
             bad, colon = (e.lineno or 1) - 1, "expected ':'" in e.msg
-            if bad >= len(lines) or bad == keep and (not colon or bad in patched):
+            kept_line_broken = bad == keep and (not colon or bad in patched)
+            if bad >= len(lines) or kept_line_broken:
                 return None, bad
             lines[bad] = lines[bad] + ":" if colon else "" if bad in patched \
                 else re.match(r"\s*", lines[bad]).group() + "pass"
@@ -1297,11 +1299,11 @@ def _members(cls: ast.ClassDef, classes: dict[str, ast.ClassDef], seen: int = 0)
     bases' (those defined in the same code)."""
     found = [(n, k, d, seen) for n, (k, d) in _bindings(cls).items()]
     for node in ast.walk(cls):
-        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) \
-                and isinstance(node.value, ast.Name) and node.value.id == "self":
+        stored = isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+        if stored and getattr(node.value, "id", None) == "self":
             found.append((node.attr, "attribute", f"self.{node.attr}", seen))
     for base in cls.bases:
-        if isinstance(base, ast.Name) and base.id in classes and seen < 5:
+        if getattr(base, "id", None) in classes and seen < 5:
             found += _members(classes[base.id], classes, seen + 1)
     return found
 
@@ -1875,7 +1877,8 @@ async def guard_middleware(request: web.Request, handler: Callable) -> web.Strea
 def _origin_allowed(request: web.Request) -> bool:
     """No Origin (a script), the server's own pages, or a --cors-origin's."""
     origin, allowed = request.headers.get("Origin"), request.app[CONFIG].cors_origin
-    if origin is None or "*" in allowed or origin in allowed:
+    listed = "*" in allowed or origin in allowed
+    if origin is None or listed:
         return True
     return urlsplit(origin).netloc.lower() == request.headers.get("Host", "").lower()  # our own
 
