@@ -501,6 +501,15 @@ def _broadcast(room: Room, frame: bytes, skip: Client | None = None) -> None:
             client.send(frame)
 
 
+def _growth(op: Op) -> int:
+    """How many units op adds to a text's length (negative if it shrinks it)."""
+    return sum(len(c) if isinstance(c, str) else min(c, 0) for c in op)
+
+
+def _weight(op: Op, deleted: list[str]) -> int:
+    return sum(len(c) for c in op if isinstance(c, str)) + sum(map(len, deleted))
+
+
 @dataclass(eq=False)
 class Room:
     """One shared text, its version, recent history, and who is connected.
@@ -624,15 +633,6 @@ class Room:
                 "version": self.version, "clients": [c.describe() for c in self.clients.values()],
                 "createdAt": self.created_at, "updatedAt": self.updated_at,
                 "execution": dict(self.execution)}
-
-
-def _growth(op: Op) -> int:
-    """How many units op adds to a text's length (negative if it shrinks it)."""
-    return sum(len(c) if isinstance(c, str) else min(c, 0) for c in op)
-
-
-def _weight(op: Op, deleted: list[str]) -> int:
-    return sum(len(c) for c in op if isinstance(c, str)) + sum(map(len, deleted))
 
 
 class Rooms:
