@@ -1645,7 +1645,7 @@ class Runner:
     async def _spawn(self, proc: _Process, argv: list[str]) -> None:
         """Start argv in the sandbox, with its limits, its cgroup, its own folder."""
         self._live.add(proc)
-        proc.cgroups = _make_cgroup(self._cgroup_base, f"run{id(proc)}", self.config)
+        proc.cgroups = _make_cgroup(self._cgroup_base, f"run-{secrets.token_hex(8)}", self.config)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/work"}
         fds: tuple[int, ...] = ()
         if self.bwrap and self.seccomp:  # bwrap reads the filter from a pipe
