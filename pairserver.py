@@ -120,24 +120,8 @@ MAX_CHANGES = 10_000
 #: of text times updates missed, to rebuild an old text for a whole-text
 #: update; components of the history and the update times updates missed, to rebase.
 REBUILD_COST, REBASE_COST = 50_000_000, 200_000
-#: A room's history holds at most this many texts' worth of units (huge pastes
-#: cannot pile up); a run's output is sent at most once per stream in this time.
-HISTORY_TEXTS, OUTPUT_BATCH_SECONDS = 4, 0.05
-
-#: Autocomplete reads at most these characters and lines before and after the
-#: cursor, so that a request costs a bounded time however long the text.
-SUGGEST_BEFORE, SUGGEST_AFTER = (64_000, 2_000), (16_000, 500)
-#: CPU seconds it may spend parsing for one request, the cursor's block first;
-#: blocks not reached are parsed by later requests, into the cache.
-SUGGEST_PARSE_SECONDS = 0.025
-#: Memory for parsed blocks and for learned modules' names, in bytes. A parsed
-#: block is weighed at AST_BYTES_PER_CHAR of its text: what `x\n` * n takes.
-PARSE_CACHE_BYTES, MODULE_CACHE_BYTES, AST_BYTES_PER_CHAR = 48 << 20, 16 << 20, 400
-#: Seconds the sandbox may take to import a module and list its names.
-LEARN_TIMEOUT = 5.0
-
-#: Rooms one client address may make at once before --rooms-per-minute paces it.
-ROOM_BURST = 10
+#: A room's history holds at most this many texts' worth of units: huge pastes cannot pile up.
+HISTORY_TEXTS = 4
 
 #: The SPEC's close codes.
 CLOSE_REPLACED, CLOSE_BAD_CLIENT, CLOSE_FORBIDDEN, CLOSE_NO_ROOM, CLOSE_FULL = \
@@ -712,10 +696,10 @@ class Rooms:
 # ---------------------------------------------------------------------------
 # How long rooms live: let go when idle; kept across restarts in SQLite or PostgreSQL
 # ---------------------------------------------------------------------------
-# The registry stays the source of truth. A changed room is written within a
-# second, many changes in one write; everything is written at shutdown. A
-# store that fails while running costs nothing but the write: it is retried
-# each second until it succeeds, and the rooms go on in memory meanwhile.
+# The registry stays the source of truth. Each second one task lets go of idle
+# rooms and writes those changed, many changes in one write; everything is
+# written at shutdown. A store that fails while running costs nothing but the
+# write: it is retried each second, and the rooms go on in memory meanwhile.
 
 def expire(rooms: Rooms, ttl: float, unused_ttl: float) -> None:
     """Let go of rooms nobody is in and nobody changed for ttl seconds, and
@@ -728,23 +712,6 @@ def expire(rooms: Rooms, ttl: float, unused_ttl: float) -> None:
         if too_long and not room.clients:
             rooms.forget(room.id)
             log.info("room %s expired", room.id)
-
-
-async def _expiry_lifetime(app: web.Application):
-    """Let go of idle and unused rooms (--room-ttl, --unused-room-ttl), kept or not."""
-    config, rooms = app[CONFIG], app[ROOMS]
-    ttls = [ttl for ttl in (config.room_ttl, config.unused_room_ttl) if ttl > 0]
-
-    async def expire_now_and_then() -> None:
-        while True:
-            await asyncio.sleep(min(60, *ttls) / 2)
-            expire(rooms, config.room_ttl, config.unused_room_ttl)
-
-    task = asyncio.get_running_loop().create_task(expire_now_and_then()) if ttls else None
-    yield
-    if task:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS pairserver_rooms (id TEXT PRIMARY KEY,
@@ -816,13 +783,14 @@ def _numbered(query: str) -> str:
     return re.sub(r"\?", lambda _: f"${next(numbers)}", query)
 
 
-async def _write_behind(rooms: Rooms, store: Store, stop: asyncio.Event) -> None:
-    """Each second until stop is set, write the rooms changed since the last
-    write. (Stopped between writes, never cancelled inside one, whose thread
+async def _keep(rooms: Rooms, store: Store | None, stop: asyncio.Event, config: Config) -> None:
+    """Each second until stop is set, let go of idle rooms and write those
+    changed. (Stopped between writes, never cancelled inside one, whose thread
     would go on.)"""
     failing = False
     while not stop.is_set():
-        failing = await _flush(rooms, store, failing)
+        expire(rooms, config.room_ttl, config.unused_room_ttl)
+        failing = bool(store) and await _flush(rooms, store, failing)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), 1)
 
@@ -851,19 +819,19 @@ async def _flush(rooms: Rooms, store: Store, failing: bool = False) -> bool:
     return False
 
 
-async def _storage_lifetime(app: web.Application):
-    """Load the kept rooms, write changes behind, write everything at the end."""
+async def _keeping_lifetime(app: web.Application):
+    """Load the kept rooms, keep them (above) while the app runs, write everything at the end."""
     config, rooms = app[CONFIG], app[ROOMS]
-    if not config.db:
-        yield
-        return
-    store = Store(config.db)
-    rooms.restore(await store.load())  # rooms an embedding script made stay changed: written
+    store = Store(config.db) if config.db else None
+    if store:  # rooms an embedding script made stay changed: written
+        rooms.restore(await store.load())
     stop = asyncio.Event()
-    writer = asyncio.get_running_loop().create_task(_write_behind(rooms, store, stop))
+    keeper = asyncio.get_running_loop().create_task(_keep(rooms, store, stop, config))
     yield
     stop.set()
-    await writer
+    await keeper
+    if not store:
+        return
     for _ in range(3):  # the sockets are closed by now: this is the last word
         if not await _flush(rooms, store):
             break
@@ -885,6 +853,18 @@ async def _storage_lifetime(app: web.Application):
 # scope's names, and ranks them: how they match the typed prefix, then how near
 # the cursor they are used, then how near their scope is. The text's words
 # follow, for whatever a mended line defined.
+
+#: Autocomplete reads at most these characters and lines before and after the
+#: cursor, so that a request costs a bounded time however long the text.
+SUGGEST_BEFORE, SUGGEST_AFTER = (64_000, 2_000), (16_000, 500)
+#: CPU seconds it may spend parsing for one request, the cursor's block first;
+#: blocks not reached are parsed by later requests, into the cache.
+SUGGEST_PARSE_SECONDS = 0.025
+#: Memory for parsed blocks and for learned modules' names, in bytes. A parsed
+#: block is weighed at AST_BYTES_PER_CHAR of its text: what `x\n` * n takes.
+PARSE_CACHE_BYTES, MODULE_CACHE_BYTES, AST_BYTES_PER_CHAR = 48 << 20, 16 << 20, 400
+#: Seconds the sandbox may take to import a module and list its names.
+LEARN_TIMEOUT = 5.0
 
 Suggestion = tuple  # (label, kind, detail, scope): scope 0 is the innermost
 #: The words of code, not of its comments and strings: findall() gives "" for those.
@@ -1524,10 +1504,9 @@ class Runner:
         """Find a writable cgroup, check that bwrap works here, fill the pools."""
         self._cgroup_base = _make_cgroup_base()
         works = self.bwrap and (await self._works() or self.seccomp and await self._works(False))
-        if self.bwrap and not works:
-            if self.config.sandbox == "bwrap":
-                raise RuntimeError("--sandbox bwrap: bwrap cannot create a sandbox on this machine")
-            self.bwrap = None
+        if self.bwrap and not works and self.config.sandbox == "bwrap":
+            raise RuntimeError("--sandbox bwrap: bwrap cannot create a sandbox on this machine")
+        self.bwrap = self.bwrap if works else None
         if self.bwrap and not self.seccomp:
             log.warning("runs are isolated, but their socket families are not filtered (no seccomp "
                         "filter for %s, or it did not load): AF_VSOCK may reach the host", _MACHINE)
@@ -1536,9 +1515,8 @@ class Runner:
                         "limits and the process-tree kill hold. apt-get install bubblewrap.")
         cgroups = "on" if self._cgroup_base else "off"
         log.info("runs: %s sandbox, cgroup limits %s", self.sandbox, cgroups)
-        for name in self.languages:
-            for _ in range(self.config.pool):
-                self._refill(name)
+        for name in [*self.languages] * self.config.pool:
+            self._refill(name)
 
     async def _works(self, seccomp: bool = True) -> bool:
         """Whether the sandbox starts here (with the seccomp filter, or without it from now on)."""
@@ -1893,6 +1871,10 @@ def _require_isolation(app: web.Application) -> None:
                         "start it with --sandbox none to run code unisolated for everyone", 403)
 
 
+#: Rooms one client address may make at once before --rooms-per-minute paces it.
+ROOM_BURST = 10
+
+
 class RateLimit:
     """A token bucket per client address: `per_minute` tokens a minute, `burst` at most."""
 
@@ -1964,6 +1946,9 @@ def _once_per_episode(previous: Callable | None) -> Callable:
 # ---------------------------------------------------------------------------
 # A room's run belongs to the room: one at a time (its lock), everyone sees its
 # output as it comes, and anyone in the room can stop it.
+
+#: A run's output is sent to its room at most once per stream in this time.
+OUTPUT_BATCH_SECONDS = 0.05
 
 async def execute(request: web.Request) -> web.Response:
     """POST /execute {code, language?, stdin?, timeout?} -> the run's result."""
@@ -2285,7 +2270,7 @@ def create_app(**options: Any) -> web.Application:
     app[MODULES] = ModuleNames(lambda code, stdin: runner.run("python", code, stdin, LEARN_TIMEOUT,
                                                               source="autocomplete"))
     app.on_shutdown.append(_close_sockets)
-    app.cleanup_ctx.extend([_storage_lifetime, _runner_lifetime, _expiry_lifetime])
+    app.cleanup_ctx.extend([_keeping_lifetime, _runner_lifetime])
     app.add_routes([
         web.post("/rooms", create_room),
         web.get("/rooms/{roomId}", get_room),
