@@ -21,7 +21,8 @@ with 8 clients posting at once.
 autocomplete: completion cases cut from the standard library's own source
 (files sampled with a fixed seed, at most 2,000 lines): an identifier being
 read keeps its first one or two letters and the rest of its line is dropped,
-as a person typing would leave it. Top-1, top-5 and mean reciprocal rank per
+as a person typing would leave it; keywords likewise (a quarter as many
+cases as names, one letter kept of a two-letter one). Top-1, top-5 and mean reciprocal rank per
 kind of name, and latency, for pairserver's suggest() and for Jedi (installed
 for the benchmark only) on the same cases.
 
@@ -376,13 +377,18 @@ def completion_cases(files: int, per_file: int, seed: int) -> list[dict]:
                  and not keyword.iskeyword(t.string) and len(t.string) > 2
                  and tokens[i - 1].string not in ("def", "class", "import", "as")
                  and not lines[t.start[0] - 1].lstrip().startswith(("import ", "from "))]
-        for tok, prev in rng.sample(names, min(per_file, len(names))):
+        words = [(t, tokens[i - 1]) for i, t in enumerate(tokens)  # keywords, a quarter as many
+                 if i and t.type == tokenize.NAME and keyword.iskeyword(t.string)]
+        for tok, prev in rng.sample(names, min(per_file, len(names))) + \
+                rng.sample(words, min(max(1, per_file // 4), len(words))):
             row, col = tok.start[0] - 1, tok.start[1]
-            keep = rng.choice((1, 2))
+            keep = min(rng.choice((1, 2)), len(tok.string) - 1)
             line = lines[row][:col + keep]
             code = "\n".join(lines[:row] + [line] + lines[row + 1:])
             cursor = len("\n".join(lines[:row])) + (row > 0) + len(line)
-            if prev.string == ".":
+            if keyword.iskeyword(tok.string):
+                kind = "keyword"
+            elif prev.string == ".":
                 owner = lines[row][:col - 1].rstrip()
                 owner = owner[len(owner.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_0123456789")):]
                 kind = "self." if owner == "self" else "module." if owner in kinds["modules"] else "other."
