@@ -467,8 +467,7 @@ class Client:
 def _frame(text: str) -> bytes:
     """A server's WebSocket text frame (RFC 6455 5.2: final, unmasked, not
     compressed), the same bytes for every socket."""
-    data = text.encode()
-    n = len(data)
+    n = len(data := text.encode())
     head = bytes([0x81, n]) if n < 126 else struct.pack("!BBH", 0x81, 126, n) if n < 65536 \
         else struct.pack("!BBQ", 0x81, 127, n)
     return head + data
@@ -918,9 +917,6 @@ class _Parse:
             return []
         return [n for top in body for n in [top, *getattr(top, "body", [])]]
 
-    def classes(self) -> dict[str, ast.ClassDef]:
-        return {n.name: n for n in self.statements(self.tree) if isinstance(n, ast.ClassDef)}
-
 
 def suggest(code: str, cursor: int, language: str = "python",
             modules: Callable[[str], dict] = lambda name: {}) -> dict:
@@ -962,9 +958,30 @@ def _suggest(code: str, cursor: int, language: str, modules: Callable[[str], dic
         found = _keyword_args(parse) + _names(parse) \
             + [(b, "builtin", None, 6 if b in _COMMON else 8) for b in _BUILTINS] \
             + [(d, "global", "every module has it", 7) for d in _DUNDERS] \
-            + [(k, "keyword", None, 9) for k in keyword.kwlist] \
+            + _keywords(before, whole, parse) \
             + [(w, "word", None, 12) for w in _words(code, start, cursor)]  # what no parse bound
     return _rank(found, prefix, code, start, cursor), start
+
+
+#: Keywords after a complete expression, starting a statement (most used first), values.
+_INFIX = ("in", "is", "and", "or", "not", "if", "else", "for", "as", "from", "import")
+_STARTS = ("if", "return", "def", "for", "raise", "elif", "else", "import", "from", "try", "with",
+           "except", "while", "class", "pass", "continue", "break", "yield", "assert", "del",
+           "finally", "global", "nonlocal", "async", "await", "lambda")
+_VALUES = ("None", "True", "False", "not", "lambda", "await", "yield")
+
+
+def _keywords(before: str, whole: bool, parse: _Parse) -> list[Suggestion]:
+    """Keywords the grammar allows: after an expression (first), at a statement's start, else."""
+    end = re.search(r"([\w.]+|[)\]}'\"])[ \t]+(not[ \t]+)?\Z", before)
+    if end and not keyword.iskeyword(end.group(1)):  # `x i`, `import typing a`, `x not i`
+        order = ("as", *_INFIX) if re.match(r"\s*(import|from|except|with)\b", before) else _INFIX
+        return [(k, "keyword", None, 100 * i - 10_000) for i, k in enumerate(dict.fromkeys(order))]
+    if not whole or before.strip():
+        return [(k, "keyword", None, 5) for k in _VALUES]
+    return [(k, "keyword", None, 1 + i / 100) for i, k in enumerate(_STARTS) if k not in (
+        "return", "yield") or any(isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))
+                                  for s in parse.scopes())]  # those two only in a function
 
 
 def _from_import(code: str, start: int, before: str) -> str | None:
@@ -982,9 +999,8 @@ def _from_import(code: str, start: int, before: str) -> str | None:
 
 
 def _owner(before: str) -> str | None:
-    """What stands before a `.` that ends the line so far: a dotted name, or a
-    closing bracket or quote; None if it is no such `.`. (Scanned from the
-    end: a regex searching forward would be quadratic in the line's length.)"""
+    """The dotted name, closing bracket or quote before a `.` ending the line, else None.
+    (Scanned from the end: a regex searching forward would be quadratic in the line.)"""
     text = before.rstrip()
     if not text.endswith("."):
         return None
@@ -995,8 +1011,7 @@ def _owner(before: str) -> str | None:
 
 
 def _rank(found: list[Suggestion], prefix: str, code: str, start: int, cursor: int) -> list[dict]:
-    """Best first: how the label matches the prefix, how near the cursor the
-    name is used, how near its scope is; at most 50, each label once."""
+    """Best first, by match to the prefix, use near the cursor, then scope; 50, each once."""
     near = _nearness(code, start, cursor)
     lower, ranked = prefix.lower(), []
     for label, kind, detail, scope in found:
@@ -1006,7 +1021,7 @@ def _rank(found: list[Suggestion], prefix: str, code: str, start: int, cursor: i
         match = 0 if name.startswith(prefix) else 1 if name.lower().startswith(lower) \
             else 2 if _subsequence(lower, name.lower()) else None  # case, then any case, fuzzy
         if match is not None:
-            used = 0 if kind == "keyword" else near.get(name, 0) / (3 if kind == "word" else 1)
+            used = near.get(name, 0) / (3 if kind in ("word", "keyword") else 1)
             ranked.append(((match, label[-1:] != "=", scope - used, label), label, kind, detail))
     best: dict[str, dict] = {}  # each label once, where it ranks best
     for _, label, kind, detail in sorted(ranked):
@@ -1257,7 +1272,8 @@ def _keyword_args(parse: _Parse) -> list[Suggestion]:
 def _attributes(parse: _Parse, owner: str, modules: Callable[[str], dict]) -> list[Suggestion]:
     """What follows `owner.`: a class's members (self: the enclosing class's),
     or an imported standard-library module's public names."""
-    classes, chain = parse.classes(), parse.scopes()
+    chain = parse.scopes()
+    classes = {n.name: n for n in parse.statements(parse.tree) if isinstance(n, ast.ClassDef)}
     if owner in ("self", "cls"):
         enclosing = [s for s in chain if isinstance(s, ast.ClassDef)]
         return _members(enclosing[-1], classes) if enclosing else []

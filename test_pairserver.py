@@ -703,6 +703,23 @@ def test_a_word_on_the_line_after_a_from_import_gets_names():
     assert complete("from os import path\npa|")[0] == ("path", "import")  # not os's names: a new line
 
 
+def test_keywords_where_the_grammar_allows_them():
+    typed = lambda code: labels(code + "|")  # noqa: E731 - the cursor at the end
+    # after a complete expression only the keywords that may follow one, and first
+    assert typed("for item in items:\n    if item i")[:2] == ["in", "is"]
+    assert typed("import typing a")[0] == "as"
+    assert typed("try:\n    pass\nexcept (KeyError, ValueError) a")[0] == "as"
+    assert typed("names = []\nprint(3 not i")[0] == "in"
+    assert typed("raise KeyError fr")[0] == "from"
+    # at a statement's start: the statement keywords there, return and yield only in a function
+    assert typed("def f(rows):\n    r")[:3] == ["rows", "return", "raise"]
+    assert "return" not in typed("r") and typed("i")[0] in ("if", "import")
+    assert typed("class A:\n    d")[0] == "def"
+    # inside an expression: values, no statement keywords
+    assert "return" not in typed("x = r") and typed("x = No")[0] == "None"
+    assert "def" not in typed("print(d") and typed("if n")[0] == "not"
+
+
 def test_keyword_parameters_inside_a_call():
     code = "def connect(host, port=80, *, timeout=None):\n    pass\nconnect('x', |"
     assert labels(code)[:3] == ["timeout=", "port=", "host="]
