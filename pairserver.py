@@ -979,9 +979,9 @@ def _keywords(before: str, whole: bool, parse: _Parse) -> list[Suggestion]:
         return [(k, "keyword", None, 100 * i - 10_000) for i, k in enumerate(dict.fromkeys(order))]
     if not whole or before.strip():
         return [(k, "keyword", None, 5) for k in _VALUES]
-    return [(k, "keyword", None, 1 + i / 100) for i, k in enumerate(_STARTS) if k not in (
-        "return", "yield") or any(isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))
-                                  for s in parse.scopes())]  # those two only in a function
+    in_def = any(isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef)) for s in parse.scopes())
+    return [(k, "keyword", None, 1 + i / 100) for i, k in enumerate(_STARTS)
+            if in_def or k not in ("return", "yield")]
 
 
 def _from_import(code: str, start: int, before: str) -> str | None:
