@@ -145,14 +145,12 @@ def _now() -> str:
 
 
 def _dumps(obj: Any) -> str:
-    """Encode JSON compactly. ensure_ascii stays on: it writes the surrogate
-    pairs of our UTF-16 text as the \\ud83d\\ude00 escapes JSON means by them."""
+    """Compact JSON; ensure_ascii writes our surrogate pairs as JSON's \\ud83d\\ude00 escapes."""
     return json.dumps(obj, separators=(",", ":"))
 
 
 class PairError(Exception):
-    """A refusal with a machine-readable code; HTTP answers it with `status`,
-    a WebSocket with an `error` message."""
+    """A refusal with a machine-readable code: HTTP answers `status`, a socket an `error`."""
 
     def __init__(self, code: str, message: str, status: int = 400, retry_after: int = 60) -> None:
         super().__init__(message)
@@ -239,8 +237,7 @@ Op = list  # of int | str components, as above
 
 
 def _push(op: Op, c: int | str) -> None:
-    """Append component c, merging it with a last component of its kind and
-    keeping an insert before a delete at the same place."""
+    """Append c, merged with a last component of its kind; an insert goes before a delete."""
     if not c:
         return
     last = op[-1] if op else None
@@ -331,8 +328,7 @@ def invert(op: Op, deleted: list[str]) -> Op:
 
 
 def changes_to_op(changes: list, length: int) -> Op:
-    """One operation for a SPEC change list, each change against the text the
-    previous one left; raises PairError for a malformed one."""
+    """One operation for a SPEC change list (each on the text the last left); PairError if bad."""
     steps: list[Op] = [[length] if length else []]
     for change in changes:
         if not isinstance(change, dict):
@@ -352,9 +348,8 @@ def changes_to_op(changes: list, length: int) -> Op:
 
 
 def diff_to_op(old: str, new: str) -> Op:
-    """The one change from old to new: keep the common prefix and suffix,
-    replace the middle (a finer diff could match unrelated text and then
-    duplicate or drop concurrent edits)."""
+    """The one change from old to new: keep the common prefix and suffix, replace the middle
+    (a finer diff could match unrelated text, then duplicate or drop concurrent edits)."""
     prefix = _common_prefix(old, new)
     prefix -= splits_pair(old, prefix)              # never cut a surrogate pair
     suffix = _common_prefix(old[prefix:][::-1], new[prefix:][::-1])
@@ -465,8 +460,7 @@ class Client:
 
 
 def _frame(text: str) -> bytes:
-    """A server's WebSocket text frame (RFC 6455 5.2: final, unmasked, not
-    compressed), the same bytes for every socket."""
+    """A server's text frame (RFC 6455 5.2: final, unmasked, uncompressed), one for all sockets."""
     n = len(data := text.encode())
     head = bytes([0x81, n]) if n < 126 else struct.pack("!BBH", 0x81, 126, n) if n < 65536 \
         else struct.pack("!BBQ", 0x81, 127, n)
@@ -541,9 +535,8 @@ class Room:
 
     def apply_update(self, version: int | None, changes: list | None = None,
                      code: str | None = None) -> list[dict]:
-        """Apply a change list or a whole text based on `version` (None: the
-        current one) and return the changes as applied to the current text.
-        Raises PairError for a malformed update, Stale for one too old to rebase."""
+        """Apply a change list or a whole text based on `version` (None: the current one); the
+        changes as applied. PairError for a malformed update, Stale for one too old to rebase."""
         version = self.version if version is None else version
         if not 0 <= version <= self.version:
             raise PairError("bad_version", f"version {version} is not one of this room's "
@@ -555,9 +548,8 @@ class Room:
 
     def _operation(self, version: int, missed: list[Op], changes: list | None,
                    code: str | None) -> Op:
-        """The update as one operation on the text at `version`, which the
-        `missed` operations have changed since: its change list, or the
-        difference of its whole text (Stale if rebuilding the old text costs too much)."""
+        """The update as one operation on the text at `version`, which `missed` changed
+        since: its change list, or its whole text's diff (Stale if rebuilding costs too much)."""
         if code is None:
             if len(changes) > MAX_CHANGES:
                 raise PairError("too_large", f"an update may hold at most {MAX_CHANGES} changes")
@@ -576,8 +568,7 @@ class Room:
         return op
 
     def _apply(self, op: Op) -> None:
-        """Apply a rebased op that keeps pairs whole and the text within
-        max_code; record it in the bounded history; move the cursors."""
+        """Apply a rebased op (pairs whole, within max_code), keep it in history, move cursors."""
         _check_boundaries(self.text, op)
         if len(self.text) + _growth(op) > self.max_code:
             raise PairError("too_large", f"the text would exceed {self.max_code} UTF-16 code units")
@@ -783,9 +774,8 @@ def _numbered(query: str) -> str:
 
 
 async def _keep(rooms: Rooms, store: Store | None, stop: asyncio.Event, config: Config) -> None:
-    """Each second until stop is set, let go of idle rooms and write those
-    changed. (Stopped between writes, never cancelled inside one, whose thread
-    would go on.)"""
+    """Each second until stop is set, let go of idle rooms and write those changed (stopped
+    between writes, never cancelled inside one, whose thread would go on)."""
     failing = False
     while not stop.is_set():
         expire(rooms, config.room_ttl, config.unused_room_ttl)
@@ -795,8 +785,7 @@ async def _keep(rooms: Rooms, store: Store | None, stop: asyncio.Event, config: 
 
 
 async def _flush(rooms: Rooms, store: Store, failing: bool = False) -> bool:
-    """Write what changed; on failure keep it for the next try and say so
-    once per episode. Returns whether the store is failing."""
+    """Write what changed; on failure keep it for next time, say so once an episode, return True."""
     changed, gone, rooms.gone = [room for room in rooms if room.changed], rooms.gone, set()
     if not changed and not gone:
         return failing
@@ -886,9 +875,8 @@ _TYPE_METHODS = sorted({n for t in (str, bytes, list, dict, set) for n in dir(t)
 
 @dataclass
 class _Parse:
-    """The text parsed around the cursor: the cursor's block and where the
-    cursor is in it (lines counted from the block's first), the statements of
-    every block, and the names bound at the top level."""
+    """The text parsed around the cursor: the cursor's block and its row and col in it, the
+    statements of every block, and the names bound at the top level."""
 
     tree: ast.Module
     row: int
@@ -920,9 +908,8 @@ class _Parse:
 
 def suggest(code: str, cursor: int, language: str = "python",
             modules: Callable[[str], dict] = lambda name: {}) -> dict:
-    """The SPEC's autocomplete answer for a cursor (a str index into code),
-    with str indexes, reading only the lines within SUGGEST_BEFORE and
-    SUGGEST_AFTER of it; `modules(name)` gives a module's names (ModuleNames)."""
+    """The SPEC's autocomplete answer at a cursor (str indexes), reading only the lines within
+    SUGGEST_BEFORE and SUGGEST_AFTER of it; `modules(name)` gives a module's names (ModuleNames)."""
     lo = max(0, cursor - SUGGEST_BEFORE[0])
     lo = (code.find("\n", lo, cursor) + 1 or lo) if lo else 0
     lo = cursor - len("\n".join(code[lo:cursor].split("\n")[-SUGGEST_BEFORE[1]:]))
@@ -985,9 +972,8 @@ def _keywords(before: str, whole: bool, parse: _Parse) -> list[Suggestion]:
 
 
 def _from_import(code: str, start: int, before: str) -> str | None:
-    """The module of a `from m import a, b` being typed at start, also in the
-    lines of a parenthesized one; None elsewhere. (Each pattern is matched
-    against one line, anchored, so it stays linear and cannot reach across lines.)"""
+    """The module of a `from m import a, b` typed at start, also in a parenthesized one's lines;
+    else None. (Each pattern matches one line, anchored: linear, never reaching across lines.)"""
     if m := re.fullmatch(r"\s*from\s+([\w.]+)\s+import\s+[\w \t,]*", before):
         return m.group(1)
     opening = code.rfind("(", max(0, start - 2000), start)
@@ -1036,9 +1022,8 @@ def _subsequence(needle: str, hay: str) -> bool:
 
 
 def _nearness(code: str, start: int, cursor: int) -> dict[str, float]:
-    """For each word used within a few thousand characters of the cursor, a
-    score that grows the nearer its nearest use (not the one being typed) and
-    the more uses it has; uses above the cursor count twice those below."""
+    """For each word used near the cursor, a score growing the nearer its nearest use (not the
+    one typed) and the more its uses; uses above the cursor count twice those below."""
     score: dict[str, float] = {}
     above = [w for w in _CODE_WORD.findall(code, max(0, start - 3000), start) if w]
     for i, word in enumerate(reversed(above)):
@@ -1094,8 +1079,7 @@ _CONTINUES = ("#", ")", "]", "}", "else", "elif", "except", "finally")  #: no bl
 
 
 def _blocks(lines: list[str]) -> list[int]:
-    """Where the top-level blocks start: each definition is one; the lines
-    between definitions go together, at most 200 at a time."""
+    """Where the top-level blocks start: each definition one, the lines between at most 200."""
     starts = [0]
     for i, line in enumerate(lines):
         top = i and line[:1].strip() and not line.startswith(_CONTINUES)
@@ -1108,8 +1092,7 @@ def _blocks(lines: list[str]) -> list[int]:
 
 
 class _Memo:
-    """A dict that forgets its least recently used entries past `limit` bytes,
-    as weighed by whoever puts them in."""
+    """A dict that forgets its least recently used entries past `limit` bytes, as put() weighs."""
 
     def __init__(self, limit: int) -> None:
         self.limit, self.size, self.items = limit, 0, collections.OrderedDict()
@@ -1131,9 +1114,8 @@ _PARSED = _Memo(PARSE_CACHE_BYTES)  # a pure memo, so shared by the apps of a pr
 
 
 def _parse_block(first: int, text: str, deadline: float) -> tuple[list[ast.stmt], dict]:
-    """The statements of one top-level block starting at line `first`, mended
-    line by line where it does not parse ([] where that fails), and the names
-    they bind; ([], {}) uncached once past the deadline."""
+    """One top-level block's statements (from line `first`), mended line by line ([] if that
+    fails), and the names they bind; ([], {}) uncached once past the deadline."""
     if (known := _PARSED.get((first, text))) is not None:
         return known
     if time.thread_time() > deadline:
@@ -1196,8 +1178,7 @@ def _mend(text: str, keep: int, deadline: float) -> tuple[list[ast.stmt] | None,
 
 
 def _names(parse: _Parse) -> list[Suggestion]:
-    """Every name visible at the cursor, innermost scope first. A class body
-    is visible only from itself, not from its methods (as Python has it)."""
+    """Every name visible at the cursor, innermost scope first; a class body's only in itself."""
     chain, found = parse.scopes(), []
     for depth, scope in enumerate(reversed(chain)):
         if isinstance(scope, ast.ClassDef) and depth:
@@ -1210,9 +1191,8 @@ def _names(parse: _Parse) -> list[Suggestion]:
 
 
 def _bindings(scope: ast.AST, first: int = 0) -> dict[str, tuple[str, str | None]]:
-    """Names bound in one scope, not in the scopes nested in it: {name: (kind,
-    detail)}; `first` is the line the scope's block starts on. Expressions are
-    looked into only where they can bind: targets and `:=`."""
+    """Names bound in one scope, not in those nested in it, {name: (kind, detail)}, `first` its
+    block's first line. Expressions are looked into only where they can bind: targets and `:=`."""
     found: dict[str, tuple[str, str | None]] = {}
     local = "global" if isinstance(scope, ast.Module) else "local"
     in_class = isinstance(scope, ast.ClassDef)
@@ -1252,8 +1232,7 @@ def _bindings(scope: ast.AST, first: int = 0) -> dict[str, tuple[str, str | None
 
 
 def _keyword_args(parse: _Parse) -> list[Suggestion]:
-    """An argument of f(...), f a function or class defined in the code: its
-    keyword parameters as `name=`."""
+    """In f(...), f a function or class defined in the code: its keyword parameters, `name=`."""
     calls = [n.func.id for n in ast.walk(parse.tree) if isinstance(n, ast.Call)
              and isinstance(n.func, ast.Name) and _CURSOR in (getattr(a, "id", "") for a in n.args)]
     defs = (ast.FunctionDef, ast.AsyncFunctionDef)
@@ -1270,8 +1249,7 @@ def _keyword_args(parse: _Parse) -> list[Suggestion]:
 
 
 def _attributes(parse: _Parse, owner: str, modules: Callable[[str], dict]) -> list[Suggestion]:
-    """What follows `owner.`: a class's members (self: the enclosing class's),
-    or an imported standard-library module's public names."""
+    """What follows `owner.`: a class's members (self: its class's) or a module's public names."""
     chain = parse.scopes()
     classes = {n.name: n for n in parse.statements(parse.tree) if isinstance(n, ast.ClassDef)}
     if owner in ("self", "cls"):
@@ -1291,8 +1269,7 @@ def _attributes(parse: _Parse, owner: str, modules: Callable[[str], dict]) -> li
 
 
 def _members(cls: ast.ClassDef, classes: dict[str, ast.ClassDef], seen: int = 0) -> list:
-    """A class's methods, class attributes and self.x of its methods, then its
-    bases' (those defined in the same code)."""
+    """A class's methods, class attributes and self.x of its methods, then its bases' here."""
     found = [(n, k, d, seen) for n, (k, d) in _bindings(cls).items()]
     for node in ast.walk(cls):
         stored = isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
@@ -1398,8 +1375,7 @@ async def autocomplete(request: web.Request) -> web.Response:
 # program is sandbox/run.py (run.js for node), which runs only in the sandbox.
 
 class _Process(asyncio.SubprocessProtocol):
-    """One started interpreter: its output (chunks in arrival order, decoded,
-    at most `cap` bytes, then `capped` is done) and its end (`exited`)."""
+    """A started interpreter: output chunks to `cap` bytes (then `capped`), its end (`exited`)."""
 
     def __init__(self, cap: int) -> None:
         loop = asyncio.get_running_loop()
@@ -1490,9 +1466,8 @@ class Turns:
 
 
 class Runner:
-    """Runs code in sandboxed interpreters: at most max_runs at once, taking
-    turns fairly (Turns), then 429. Pure asyncio, so the event loop never
-    waits on a run."""
+    """Runs code in sandboxed interpreters: max_runs at once, taking turns fairly (Turns), then
+    429. Pure asyncio, so the event loop never waits on a run."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -1570,8 +1545,7 @@ class Runner:
     async def run(self, language: str, code: str, stdin: str = "", timeout: float = 5.0,
                   on_output: Callable[[str, str], None] | None = None,
                   cancel: asyncio.Event | None = None, source: str = "") -> dict:
-        """Run code and return the SPEC's result; on_output sees each chunk as
-        it comes. `source` names who asks, for fair turns."""
+        """Run code, return the SPEC's result; on_output sees each chunk, `source` takes turns."""
         if language not in self.languages:
             raise PairError("unsupported_language", f"cannot run {language!r} here; "
                             f"can run: {', '.join(self.languages)}")
@@ -1662,9 +1636,8 @@ class Runner:
                 os.close(fd)
 
     def sandboxed(self, argv: list[str], seccomp_fd: int | None = None) -> list[str]:
-        """argv inside bwrap: no network, no host files but the interpreter's,
-        a private /work and /tmp, its own pids, as an unprivileged user, and
-        the seccomp filter read from seccomp_fd."""
+        """argv inside bwrap: no network, no host files but the interpreter's, private /work and
+        /tmp, its own pids, an unprivileged user, the seccomp filter read from seccomp_fd."""
         executable = argv[0]
         args = [self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns",
                 "--die-with-parent", "--new-session", "--uid", "65534", "--gid", "65534",
@@ -1682,8 +1655,7 @@ class Runner:
         return args + ["--seccomp", str(seccomp_fd)] * (seccomp_fd is not None) + argv
 
     def _kill(self, proc: _Process) -> None:
-        """Kill the run's whole tree: its pid namespace goes with bwrap; its
-        cgroup, where there is one, catches whatever left the process group."""
+        """Kill the run's tree: its pid namespace goes with bwrap, its cgroup catches strays."""
         for group in proc.cgroups:
             _kill_cgroup(group)
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -1770,8 +1742,7 @@ def _seccomp_filter() -> bytes | None:
 
 
 def _make_cgroup_base() -> list[Path]:
-    """Folders for our runs' cgroups: v2's one tree, or v1's pids and memory
-    trees; [] where none is writable (not root, or none mounted)."""
+    """Our runs' cgroup folders: v2's tree, or v1's pids and memory trees; [] if none writable."""
     base = f"pairserver-{os.getpid()}-{secrets.token_hex(4)}"  # one per Runner, not per process
     root, v2 = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/cgroup.controllers")
     v2 = v2.exists() and "pids" in v2.read_text()
@@ -1815,8 +1786,7 @@ def _kill_cgroup(group: Path) -> None:
 
 
 def _rmdir_all(path: Path, retries: int = 0) -> bool:
-    """Remove a cgroup folder and its children; True once gone. One still busy
-    (its processes dying) is tried again every 0.25 s, `retries` more times."""
+    """Remove a cgroup folder and its children, True once gone; a busy one retried every 0.25 s."""
     try:
         for child in path.glob("*/"):
             child.rmdir()
@@ -1936,9 +1906,8 @@ def _cap_connections(server: web.Server, cap: int) -> None:
 
 
 def _once_per_episode(previous: Callable | None) -> Callable:
-    """An event-loop exception handler that logs running out of descriptors
-    (a failed accept, each one with a traceback) once per episode: until a
-    minute passes without it."""
+    """An event-loop exception handler that logs running out of descriptors (a failed accept,
+    each with a traceback) once per episode: until a minute passes without it."""
     last = [-math.inf]
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
@@ -2005,8 +1974,7 @@ def _on_execute_cancel(room: Room, client: Client, msg: dict, app: web.Applicati
 
 
 async def _run_in_room(app: web.Application, room: Room, client: Client, stdin: str) -> None:
-    """Run the room's code, streaming its output to everyone in batches of at
-    most one message per stream each OUTPUT_BATCH_SECONDS; always release the lock."""
+    """Run the room's code, its output to all in batches (OUTPUT_BATCH_SECONDS); always unlock."""
     pending: list[tuple[str, str]] = []
 
     def flush() -> None:
@@ -2119,8 +2087,7 @@ async def admin_delete_room(request: web.Request) -> web.Response:
 
 
 async def page(request: web.Request) -> web.StreamResponse:
-    """GET / and GET /editor.js -> the demo page and its prebuilt editor, each
-    gzipped where a .gz lies beside it, with an ETag to revalidate."""
+    """GET / and GET /editor.js: the page and its editor, gzipped where a .gz lies beside, ETags."""
     name = "editor.js" if request.path.endswith("/editor.js") else "index.html"
     path = Path(request.app[CONFIG].static_dir, name)
     if not path.is_file():
@@ -2185,9 +2152,8 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 
 
 def _receive(app: web.Application, room: Room, client: Client, data: str) -> None:
-    """Handle one message from a client; a refusal goes back to it alone.
-    This and every _on_* handler are synchronous (they never await), so the
-    room's updates are applied in the order they arrive; a run is spawned."""
+    """Handle one message from a client; a refusal goes back to it alone. Every _on_* handler
+    never awaits, so updates apply in the order they arrive; a run is spawned."""
     seq = msg = None
     try:
         with contextlib.suppress(ValueError, RecursionError):  # RecursionError: nested too deep
@@ -2349,9 +2315,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 async def _serve(app: web.Application, port: int, show_token: bool) -> None:
-    """Serve app until SIGINT or SIGTERM, with a deadline for request headers
-    and a cap on each address's connections, so that half-open connections
-    cannot use up the descriptors."""
+    """Serve app until SIGINT or SIGTERM, with a deadline for request headers and a cap on each
+    address's connections, so that half-open connections cannot use up the descriptors."""
     config, loop = app[CONFIG], asyncio.get_running_loop()
     loop.set_exception_handler(_once_per_episode(loop.get_exception_handler()))
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5,
@@ -2370,8 +2335,7 @@ async def _serve(app: web.Application, port: int, show_token: bool) -> None:
 
 
 def _banner(app: web.Application, port: int, show_token: bool) -> str:
-    """What the server says at start: where to open it, where rooms are kept,
-    whether runs are isolated, and the admin token if it made one up."""
+    """What the server says at start: its URL, where rooms are kept, isolation, a made-up token."""
     config = app[CONFIG]
     host = _lan_address() if config.host in ("0.0.0.0", "::", "") else \
         "localhost" if _is_loopback(config.host) else config.host
@@ -2388,8 +2352,7 @@ def _banner(app: web.Application, port: int, show_token: bool) -> str:
 
 
 def _lan_address() -> str:
-    """This machine's address on its network, for people to open. (Connecting
-    a UDP socket only picks a route: no packet is sent.)"""
+    """This machine's address on its network (a UDP connect picks a route, sending nothing)."""
     with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect(("192.0.2.1", 9))
         return s.getsockname()[0]
