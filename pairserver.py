@@ -945,7 +945,7 @@ def _suggest(code: str, cursor: int, language: str, modules: Callable[[str], dic
         found = _keyword_args(parse) + _names(parse) \
             + [(b, "builtin", None, 6 if b in _COMMON else 8) for b in _BUILTINS] \
             + [(d, "global", "every module has it", 7) for d in _DUNDERS] \
-            + _keywords(before, whole, parse) \
+            + _keywords(before, whole, code, start) \
             + [(w, "word", None, 12) for w in _words(code, start, cursor)]  # what no parse bound
     return _rank(found, prefix, code, start, cursor), start
 
@@ -954,21 +954,49 @@ def _suggest(code: str, cursor: int, language: str, modules: Callable[[str], dic
 _INFIX = ("in", "is", "and", "or", "not", "if", "else", "for", "as", "from", "import")
 _STARTS = ("if", "return", "def", "for", "raise", "elif", "else", "import", "from", "try", "with",
            "except", "while", "class", "pass", "continue", "break", "yield", "assert", "del",
-           "finally", "global", "nonlocal", "async", "await", "lambda")
+           "finally", "global", "nonlocal", "async", "await", "lambda", "case")
 _VALUES = ("None", "True", "False", "not", "lambda", "await", "yield")
+#: Statement keywords only some places allow; those that may follow a block, by its first word.
+_GATED = set("elif else except finally return yield await break continue case".split())
+_AFTER = {"if": "elif else", "elif": "elif else", "try": "except finally", "for": "else",
+          "except": "except else finally", "while": "else", "else": "finally"}
 
 
-def _keywords(before: str, whole: bool, parse: _Parse) -> list[Suggestion]:
+def _keywords(before: str, whole: bool, code: str, start: int) -> list[Suggestion]:
     """Keywords the grammar allows: after an expression (first), at a statement's start, else."""
     end = re.search(r"([\w.]+|[)\]}'\"])[ \t]+(not[ \t]+)?\Z", before)
     if end and not keyword.iskeyword(end.group(1)):  # `x i`, `import typing a`, `x not i`
-        order = ("as", *_INFIX) if re.match(r"\s*(import|from|except|with)\b", before) else _INFIX
+        first = "import" if re.fullmatch(r"\s*from\s+[\w.]+\s+", before) else "as"
+        order = (first, *_INFIX) if re.match(r"\s*(import|from|except|with)\b", before) else _INFIX
         return [(k, "keyword", None, 100 * i - 10_000) for i, k in enumerate(dict.fromkeys(order))]
-    if not whole or before.strip():
+    open_above = re.search(r"[(\[{,\\][ \t]*\n\s*\Z", code[max(0, start - 300):start])
+    if not whole or before.strip() or open_above:  # inside an expression
         return [(k, "keyword", None, 5) for k in _VALUES]
-    in_def = any(isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef)) for s in parse.scopes())
-    return [(k, "keyword", None, 1 + i / 100) for i, k in enumerate(_STARTS)
-            if in_def or k not in ("return", "yield")]
+    heads, previous = _blocks_around(code, start - len(before), len(before))
+    inner = next((h for h in heads if h in ("def", "class", "async")), "")
+    loop = {"for", "while"} & set(heads[:heads.index(inner)] if inner else heads)
+    must = ("except", "finally") if previous == "try" else ("case",) * (heads[:1] == ["match"])
+    may = {*must, *_AFTER.get(previous, "").split(), "await" * (inner == "async"),
+           *("return", "yield") * (inner in ("def", "async")), *("break", "continue") * bool(loop)}
+    return [(k, "keyword", None, 1 + i / 100 - 10_000 * (k in must))
+            for i, k in enumerate(_STARTS) if k in may or k not in _GATED]
+
+
+def _blocks_around(code: str, line_start: int, indent: int) -> tuple[list[str], str]:
+    """The first words of the blocks around a line at `indent` (innermost first), and of the
+    statement before it at that indent, read up the lines."""
+    heads, previous, end = [], None, line_start - 1
+    while end >= 0:
+        begin = code.rfind("\n", 0, end) + 1
+        line, end = code[begin:end].split("#")[0].rstrip(), begin - 1
+        depth, word = len(line) - len(line.lstrip()), line.lstrip().split(" ")[0].rstrip(":")
+        if line and depth < indent:
+            indent, _ = depth, heads.append(word)
+        elif line and depth == indent and previous is None and not heads:
+            previous = word
+        if line[:1].strip():
+            break  # the top level
+    return heads, previous or ""
 
 
 def _from_import(code: str, start: int, before: str) -> str | None:

@@ -710,14 +710,23 @@ def test_keywords_where_the_grammar_allows_them():
     assert typed("import typing a")[0] == "as"
     assert typed("try:\n    pass\nexcept (KeyError, ValueError) a")[0] == "as"
     assert typed("names = []\nprint(3 not i")[0] == "in"
-    assert typed("raise KeyError fr")[0] == "from"
+    assert typed("raise KeyError fr")[0] == "from" and typed("from types i")[0] == "import"
     # at a statement's start: the statement keywords there, return and yield only in a function
     assert typed("def f(rows):\n    r")[:3] == ["rows", "return", "raise"]
     assert "return" not in typed("r") and typed("i")[0] in ("if", "import")
     assert typed("class A:\n    d")[0] == "def"
+    # a block's continuations after it (except or finally must follow try), break in loops...
+    assert typed("try:\n    x = 1\ne")[0] == "except" and "elif" not in typed("x = 1\ne")
+    assert typed("if x:\n    y = 1\n# why\n\nel")[:2] == ["elif", "else"]
+    assert "else" in typed("for a in b:\n    pass\nel") and "else" not in typed("x = 1\nel")
+    assert "continue" in typed("while a:\n    if b:\n        co")
+    assert "continue" not in typed("for a in b:\n    def f():\n        co")
+    assert "await" in typed("async def f():\n    aw") and "await" not in typed("def f():\n    aw")
+    assert typed("match command:\n    c")[0] == "case" and "case" not in typed("c")
     # inside an expression: values, no statement keywords
     assert "return" not in typed("x = r") and typed("x = No")[0] == "None"
     assert "def" not in typed("print(d") and typed("if n")[0] == "not"
+    assert "break" not in typed("total = (a,\n         b")  # a bracket left open on a line above
 
 
 def test_keyword_parameters_inside_a_call():
