@@ -612,9 +612,8 @@ class Room:
 class Rooms:
     """The registry of rooms: a dict by id, plus the limits every room gets.
 
-    This is also the Python API for scripts that embed the server:
-    ``rooms.create(code=...)``, ``rooms.get(id)``, ``list(rooms)``,
-    ``await rooms.delete(id)``."""
+    Also the Python API for scripts that embed the server: ``rooms.create(code=...)``,
+    ``rooms.get(id)``, ``list(rooms)``, ``await rooms.delete(id)``."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -692,8 +691,7 @@ class Rooms:
 # write: it is retried each second, and the rooms go on in memory meanwhile.
 
 def expire(rooms: Rooms, ttl: float, unused_ttl: float) -> None:
-    """Let go of rooms nobody is in and nobody changed for ttl seconds, and
-    of unused ones (made over HTTP, never joined) after unused_ttl; 0: never."""
+    """Let go of rooms empty and unchanged for ttl s, unjoined ones after unused_ttl (0: never)."""
     now = datetime.now(timezone.utc)
     for room in rooms:
         changed = datetime.fromisoformat(room.updated_at.replace("Z", "+00:00"))
@@ -715,9 +713,8 @@ _DROP = "DELETE FROM pairserver_rooms WHERE id = ?"
 
 
 class Store:
-    """Rooms in an SQLite file (WAL mode, written from a thread so that the event
-    loop never waits on the disk) or in PostgreSQL (through asyncpg, imported
-    only for this): `where` is a path or a postgresql:// URL."""
+    """Rooms in an SQLite file (WAL mode, written from a thread so that the event loop never
+    waits on the disk) or PostgreSQL (asyncpg, imported only for this): `where`, path or URL."""
 
     def __init__(self, where: str) -> None:
         self.where, self.db = where, None  #: an sqlite3 connection, or an asyncpg pool
@@ -875,35 +872,34 @@ _TYPE_METHODS = sorted({n for t in (str, bytes, list, dict, set) for n in dir(t)
 
 @dataclass
 class _Parse:
-    """The text parsed around the cursor: the cursor's block and its row and col in it, the
-    statements of every block, and the names bound at the top level."""
+    """The text parsed around the cursor: the cursor's block, its row and col there, bindings."""
 
     tree: ast.Module
     row: int
     col: int
-    body: list[ast.stmt]
-    top_names: dict  #: {name: (kind, detail)}
+    known: dict  #: _bindings() by id(scope); the tree's, of every block's top level
 
-    def scopes(self) -> list[ast.AST]:
-        """The scopes that hold the cursor, outermost first, the module included."""
+    def path(self) -> list[ast.AST]:
+        """The nodes that hold the cursor, outermost first, the module included."""
         chain, node, at = [self.tree], self.tree, (self.row, self.col)
         while True:
             for child in ast.iter_child_nodes(node):
                 if getattr(child, "lineno", None) and (child.lineno - 1, child.col_offset) \
                         <= at <= (child.end_lineno - 1, child.end_col_offset):
-                    if isinstance(child, _SCOPES):
-                        chain.append(child)
-                    node = child
+                    chain.append(node := child)
                     break
             else:
                 return chain
 
-    def statements(self, scope: ast.AST) -> list[ast.stmt]:
-        """A scope's statements, with those of its if, try and with blocks one level down."""
-        body = self.body if scope is self.tree else getattr(scope, "body", None)
-        if not isinstance(body, list):
-            return []
-        return [n for top in body for n in [top, *getattr(top, "body", [])]]
+    def scopes(self) -> list[ast.AST]:
+        """The scopes that hold the cursor, outermost first, the module included."""
+        return [n for n in self.path() if n is self.tree or isinstance(n, _SCOPES)]
+
+    def bound(self, scope: ast.AST) -> dict[str, tuple[str, str | None, list]]:
+        """_bindings(scope), once a request; the top level's from the blocks' cache."""
+        if id(scope) not in self.known:
+            self.known[id(scope)] = _bindings(scope)
+        return self.known[id(scope)]
 
 
 def suggest(code: str, cursor: int, language: str = "python",
@@ -927,25 +923,28 @@ def _suggest(code: str, cursor: int, language: str, modules: Callable[[str], dic
     prefix, line_start = code[start:cursor], code.rfind("\n", 0, start) + 1
     before = code[max(line_start, start - 300):start]
     whole = line_start >= start - 300  # `before` holds the line's start, so ^ means it
+    parse = _parse_near(code, start, line0) if language == "python" else None
+    *_, statement, name = [None, *parse.path()] if parse else [None, None]
+    inside = isinstance(name, ast.Name) and not isinstance(statement, ast.Expr)  # an expression
     if language != "python":
         found = [(w, "word", None, 0) for w in _words(code, start, cursor)]
-    elif (module := _from_import(code, start, before)) is not None:
-        found = [(n, k, d, 0) for n, (k, d) in modules(module).items()]
+    elif isinstance(name, ast.alias) and getattr(statement, "module", None) and not statement.level:
+        found = [(n, k, d, 0) for n, (k, d) in modules(statement.module).items()]  # from m import |
     elif whole and (m := re.fullmatch(r"\s*(?:import|from)\s+([\w.]+)\.", before)):
         found = [(n, k, d, 0) for n, (k, d) in modules(m.group(1)).items() if k == "import"]
     elif whole and re.fullmatch(r"\s*(import|from)\s+([\w.]+\s*,\s*)*", before):
         found = [(n, "import", "module", 0) for n in sys.stdlib_module_names if n[0] != "_"]
-    elif owner := _owner(before):
-        members = _attributes(_parse_near(code, start, line0), owner, modules)
-        found = members + [(w, "attribute", None, 12 if members else 6)  # then what objects have
-                           for w in _attribute_words(code, start, cursor)] \
-            + [(n, "method", None, 13 if members else 7) for n in _TYPE_METHODS]
+    elif (dot := re.search(r"([\w.]*|[)\]}'\"])\s*\.\s*\Z", before)) and \
+            (owner := dot.group(1).lstrip("0123456789.")):  # after `owner.` (a number's is none)
+        members = _attributes(parse, name, owner, modules)
+        found = members + [(w, "attribute", None, 1000 if members else 6)  # then what objects have
+                           for w in _words(code, start, cursor, after_dot=True)] \
+            + [(n, "method", None, 7) for n in _TYPE_METHODS if not members]
     else:
-        parse = _parse_near(code, start, line0)
-        found = _keyword_args(parse) + _names(parse) \
+        found = _keyword_args(parse, statement, name) + _names(parse) \
             + [(b, "builtin", None, 6 if b in _COMMON else 8) for b in _BUILTINS] \
             + [(d, "global", "every module has it", 7) for d in _DUNDERS] \
-            + _keywords(before, whole, code, start) \
+            + _keywords(before, whole and not inside, code, start) \
             + [(w, "word", None, 12) for w in _words(code, start, cursor)]  # what no parse bound
     return _rank(found, prefix, code, start, cursor), start
 
@@ -969,8 +968,7 @@ def _keywords(before: str, whole: bool, code: str, start: int) -> list[Suggestio
         first = "import" if re.fullmatch(r"\s*from\s+[\w.]+\s+", before) else "as"
         order = (first, *_INFIX) if re.match(r"\s*(import|from|except|with)\b", before) else _INFIX
         return [(k, "keyword", None, 100 * i - 10_000) for i, k in enumerate(dict.fromkeys(order))]
-    open_above = re.search(r"[(\[{,\\][ \t]*\n\s*\Z", code[max(0, start - 300):start])
-    if not whole or before.strip() or open_above:  # inside an expression
+    if not whole or before.strip():  # inside an expression
         return [(k, "keyword", None, 5) for k in _VALUES]
     heads, previous = _blocks_around(code, start - len(before), len(before))
     inner = next((h for h in heads if h in ("def", "class", "async")), "")
@@ -983,8 +981,7 @@ def _keywords(before: str, whole: bool, code: str, start: int) -> list[Suggestio
 
 
 def _blocks_around(code: str, line_start: int, indent: int) -> tuple[list[str], str]:
-    """The first words of the blocks around a line at `indent` (innermost first), and of the
-    statement before it at that indent, read up the lines."""
+    """First words of the blocks around a line at `indent` (innermost first), of the one before."""
     heads, previous, end = [], None, line_start - 1
     while end >= 0:
         begin = code.rfind("\n", 0, end) + 1
@@ -997,31 +994,6 @@ def _blocks_around(code: str, line_start: int, indent: int) -> tuple[list[str], 
         if line[:1].strip():
             break  # the top level
     return heads, previous or ""
-
-
-def _from_import(code: str, start: int, before: str) -> str | None:
-    """The module of a `from m import a, b` typed at start, also in a parenthesized one's lines;
-    else None. (Each pattern matches one line, anchored: linear, never reaching across lines.)"""
-    if m := re.fullmatch(r"\s*from\s+([\w.]+)\s+import\s+[\w \t,]*", before):
-        return m.group(1)
-    opening = code.rfind("(", max(0, start - 2000), start)
-    if opening < 0 or not re.fullmatch(r"[\w\s,]*", code[opening + 1:start]):
-        return None
-    line = code[code.rfind("\n", 0, opening) + 1:opening]
-    m = re.fullmatch(r"\s*from\s+([\w.]+)\s+import\s*", line)
-    return m and m.group(1)
-
-
-def _owner(before: str) -> str | None:
-    """The dotted name, closing bracket or quote before a `.` ending the line, else None.
-    (Scanned from the end: a regex searching forward would be quadratic in the line.)"""
-    text = before.rstrip()
-    if not text.endswith("."):
-        return None
-    text = text[:-1].rstrip()
-    if text[-1:] in (")", "]", "}", "'", '"'):
-        return text[-1]
-    return re.match(r"[\w.]*", text[::-1]).group()[::-1].lstrip("0123456789.") or None
 
 
 def _rank(found: list[Suggestion], prefix: str, code: str, start: int, cursor: int) -> list[dict]:
@@ -1064,16 +1036,11 @@ def _nearness(code: str, start: int, cursor: int) -> dict[str, float]:
     return score
 
 
-def _words(code: str, start: int, cursor: int) -> list[str]:
-    """The words around the cursor, but for the one being typed."""
-    text = code[max(0, start - 8000):start] + " " + code[cursor:cursor + 4000]
-    return [w for w in dict.fromkeys(_CODE_WORD.findall(text)) if w and not keyword.iskeyword(w)]
-
-
-def _attribute_words(code: str, start: int, cursor: int) -> list[str]:
-    """Names used after a dot anywhere in the text: what an object of unknown type likely has."""
-    found = re.findall(r"\.[ \t]*([A-Za-z_]\w*)", code[:start] + code[cursor:])
-    return [w for w in dict.fromkeys(found) if not keyword.iskeyword(w)]
+def _words(code: str, start: int, cursor: int, after_dot: bool = False) -> list[str]:
+    """The words near the cursor but the one typed; after_dot: the names after a dot anywhere."""
+    found = re.findall(r"\.[ \t]*([A-Za-z_]\w*)", code[:start] + code[cursor:]) if after_dot \
+        else _CODE_WORD.findall(code[max(0, start - 8000):start] + " " + code[cursor:cursor + 4000])
+    return [w for w in dict.fromkeys(found) if w and not keyword.iskeyword(w)]
 
 
 # ---------------------------------------------------------------------------
@@ -1081,10 +1048,9 @@ def _attribute_words(code: str, start: int, cursor: int) -> list[str]:
 # ---------------------------------------------------------------------------
 
 def _parse_near(code: str, start: int, line0: int = 0) -> _Parse:
-    """Parse the text top-level block by block, so that a broken one costs only
-    itself, each but the cursor's from a cache (a keystroke changes one), the
-    cursor's repaired so that the word at the cursor is a name in its innermost
-    scope; for SUGGEST_PARSE_SECONDS of CPU, leaving out blocks not reached."""
+    """Parse the text top-level block by block, so that a broken one costs only itself, all
+    but the cursor's from a cache (a keystroke changes one), the cursor's mended so that its
+    word is a name in its innermost scope; blocks not reached in SUGGEST_PARSE_SECONDS left out."""
     lines, deadline = code.split("\n"), time.thread_time() + SUGGEST_PARSE_SECONDS
     row, body, names = code.count("\n", 0, start), [], {}
     blocks = list(zip(tops := _blocks(lines), tops[1:] + [len(lines)]))
@@ -1099,7 +1065,8 @@ def _parse_near(code: str, start: int, line0: int = 0) -> _Parse:
             block, bound = _parse_block(line0 + first, "\n".join(lines[first:end]), deadline)
         body += block
         names.update(bound)
-    return _Parse(ast.Module(body=cursor_block, type_ignores=[]), row - at, col, body, names)
+    tree = ast.Module(body=cursor_block, type_ignores=[])
+    return _Parse(tree, row - at, col, {id(tree): names})
 
 
 _DEFINES = ("def ", "async ", "class ", "@")
@@ -1161,8 +1128,8 @@ def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: i
     """The cursor's block, with its line cut at the cursor: first keeping the
     rest of the line, then with open brackets closed, then just the name, then `pass`."""
     head, tail = lines[row][:col], re.sub(r"^\w*", "", lines[row][col:])
-    closers = []  # a stack: the last opened is closed first
-    for ch in re.sub(r"'[^']*'|\"[^\"]*\"|#.*", "", head):
+    closers = []  # a stack: the last opened (on this line or one above) is closed first
+    for ch in re.sub(r"'[^']*'|\"[^\"]*\"|#.*", "", "\n".join(lines[first:row] + [head])):
         if ch in _PAIRS:
             closers.append(_PAIRS[ch])
         elif closers and ch == closers[-1]:
@@ -1182,10 +1149,9 @@ def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: i
 
 
 def _mend(text: str, keep: int, deadline: float) -> tuple[list[ast.stmt] | None, int]:
-    """Parse a block's text, mending each line that breaks it (a missing colon
-    added, else the line made `pass`, then blank); line `keep` only by a colon.
-    Returns the statements (lines counted from the block's first), or None and
-    the line it gave up on (-2: the deadline, in thread CPU time, passed)."""
+    """Parse a block's text, mending each line that breaks it (a missing colon added, else the
+    line made `pass`, then blank; line `keep` only by a colon). Returns the statements (lines
+    counted from the block's first), or None and the line it gave up on (-2: past the deadline)."""
     lines, patched, bad = text.split("\n"), set(), -1
     for attempt in range(8):
         if attempt and time.thread_time() > deadline:
@@ -1211,24 +1177,29 @@ def _names(parse: _Parse) -> list[Suggestion]:
     for depth, scope in enumerate(reversed(chain)):
         if isinstance(scope, ast.ClassDef) and depth:
             continue
-        bound = parse.top_names if scope is parse.tree else _bindings(scope)
-        for name, (kind, detail) in bound.items():
-            if name != _CURSOR:
+        for name, (kind, detail, _) in parse.bound(scope).items():
+            if name != _CURSOR and name[:5] != "self.":
                 found.append((name, kind, detail, depth if depth < len(chain) - 1 else 5))
     return found
 
 
-def _bindings(scope: ast.AST, first: int = 0) -> dict[str, tuple[str, str | None]]:
-    """Names bound in one scope, not in those nested in it, {name: (kind, detail)}, `first` its
-    block's first line. Expressions are looked into only where they can bind: targets and `:=`."""
-    found: dict[str, tuple[str, str | None]] = {}
-    local = "global" if isinstance(scope, ast.Module) else "local"
-    in_class = isinstance(scope, ast.ClassDef)
+def _bindings(scope: ast.AST, first: int = 0) -> dict[str, tuple[str, str | None, list]]:
+    """Names bound in one scope, not in those nested in it (a class's self.x too), `first` its
+    block's first line: {name: (kind, detail, what the code gives it: values, annotations, def)}.
+    Expressions are looked into only where they can bind: targets and `:=`."""
+    found: dict[str, tuple[str, str | None, list]] = {}
+    bind = lambda name, kind, detail, *given: \
+        found.setdefault(name, (kind, detail, []))[2].extend(given)  # noqa: E731
+    local = {ast.Module: "global", ast.ClassDef: "attribute"}.get(type(scope), "local")
     if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
         where, args = getattr(scope, "name", "lambda"), scope.args
         for a in [*args.posonlyargs, *args.args, args.vararg, *args.kwonlyargs, args.kwarg]:
             if a:
-                found[a.arg] = ("param", f"param of {where}")
+                bind(a.arg, "param", f"param of {where}", a.annotation)
+    for node in ast.walk(scope) if local == "attribute" else ():  # self.x = ... in its methods
+        for target, given in _targets(node) if isinstance(node, _ASSIGNS) else ():
+            if isinstance(target, ast.Attribute) and getattr(target.value, "id", 0) == "self":
+                bind(f"self.{target.attr}", "attribute", f"self.{target.attr}", *given)
     if isinstance(scope, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
         todo = [g.target for g in scope.generators]
     else:
@@ -1237,21 +1208,25 @@ def _bindings(scope: ast.AST, first: int = 0) -> dict[str, tuple[str, str | None
         node = todo.pop()
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             signature = f"def {node.name}({ast.unparse(node.args)})"
-            found.setdefault(node.name, ("method" if in_class else "function", signature))
+            bind(node.name, "method" if local == "attribute" else "function", signature, node)
         elif isinstance(node, ast.ClassDef):
             bases = ", ".join(ast.unparse(b) for b in node.bases)
-            found.setdefault(node.name, ("class", f"class {node.name}({bases})".replace("()", "")))
+            bind(node.name, "class", f"class {node.name}({bases})".replace("()", ""), node)
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             for alias in node.names:
                 name = alias.asname or alias.name.split(".")[0]
                 source = f"import {alias.name}" if isinstance(node, ast.Import) \
                     else f"from {node.module or '.'} import {alias.name}"
-                found.setdefault(name, ("import", source))
-        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-            found.setdefault(node.id, ("attribute" if in_class else local,
-                                       f"line {node.lineno + first}"))
-        elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
-            found.setdefault(node.name, (local, f"line {node.lineno + first}"))
+                module = name if isinstance(node, ast.Import) and not alias.asname else \
+                    alias.name if isinstance(node, ast.Import) else f"{node.module}.{alias.name}"
+                bind(name, "import", source, *[module] * (not getattr(node, "level", 0)))
+        elif isinstance(node, _ASSIGNS):  # x = ..., with ... as x
+            for target, given in _targets(node):
+                if isinstance(target, ast.Name):
+                    bind(target.id, local, f"line {target.lineno + first}", *given)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) or \
+                isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
+            bind(getattr(node, "id", None) or node.name, local, f"line {node.lineno + first}")
         a_value = isinstance(node, ast.expr) and not isinstance(node, ast.NamedExpr) \
             and not isinstance(getattr(node, "ctx", None), ast.Store)
         if not (isinstance(node, _SCOPES) or a_value):  # in a value nothing binds (but a rare :=)
@@ -1259,53 +1234,90 @@ def _bindings(scope: ast.AST, first: int = 0) -> dict[str, tuple[str, str | None
     return found
 
 
-def _keyword_args(parse: _Parse) -> list[Suggestion]:
-    """In f(...), f a function or class defined in the code: its keyword parameters, `name=`."""
-    calls = [n.func.id for n in ast.walk(parse.tree) if isinstance(n, ast.Call)
-             and isinstance(n.func, ast.Name) and _CURSOR in (getattr(a, "id", "") for a in n.args)]
-    defs = (ast.FunctionDef, ast.AsyncFunctionDef)
-    kinds = (*defs, ast.ClassDef)
-    defined = {n.name: n for n in parse.statements(parse.tree) if isinstance(n, kinds)}
-    node = defined.get(calls[0]) if calls else None
+def _keyword_args(parse: _Parse, call: ast.AST, name: ast.AST) -> list[Suggestion]:
+    """In f(|), f a function, class or method the code defines: its keyword parameters, `name=`."""
+    call = call if isinstance(call, ast.Call) and name in call.args else None
+    node = call and _made_of(parse, call.func, set())
     if isinstance(node, ast.ClassDef):  # its __init__'s
-        node = next((n for n in node.body if isinstance(n, defs) and n.name == "__init__"), None)
-    if node is None:
+        node = parse.bound(node).get("__init__", (0, 0, [None]))[2][0]
+    if not isinstance(node, _DEFS[:2]):
         return []
     named = [*node.args.args[len(node.args.posonlyargs):], *node.args.kwonlyargs]
-    return [(f"{a.arg}=", "param", f"param of {calls[0]}", 0) for a in named
+    return [(f"{a.arg}=", "param", f"param of {node.name}", 0) for a in named
             if a.arg not in ("self", "cls")]
 
 
-def _attributes(parse: _Parse, owner: str, modules: Callable[[str], dict]) -> list[Suggestion]:
-    """What follows `owner.`: a class's members (self: its class's) or a module's public names."""
-    chain = parse.scopes()
-    classes = {n.name: n for n in parse.statements(parse.tree) if isinstance(n, ast.ClassDef)}
-    if owner in ("self", "cls"):
-        enclosing = [s for s in chain if isinstance(s, ast.ClassDef)]
-        return _members(enclosing[-1], classes) if enclosing else []
-    if owner in classes:
-        return _members(classes[owner], classes)
-    for scope in reversed(chain):  # import a.b as owner / import owner / from a import owner
-        for node in parse.statements(scope):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                for alias in node.names:
-                    if (alias.asname or alias.name) == owner:
-                        module = alias.name if isinstance(node, ast.Import) \
-                            else f"{node.module}.{alias.name}"
-                        return [(n, k, d, 0) for n, (k, d) in modules(module).items()]
-    return []
+def _attributes(parse: _Parse, dot: ast.AST, owner: str, modules: Callable) -> list[Suggestion]:
+    """What follows `owner.` (`dot` if parsed): the members of what it is made of (_made_of)."""
+    value = dot.value if isinstance(dot, ast.Attribute) and dot.attr == _CURSOR else None
+    for part in owner.split(".") if not value and _MODULE.match(owner) else ():  # unparsed: text
+        value = ast.Attribute(value, part) if value else ast.Name(part)
+    return _members(_made_of(parse, value, set()), parse, modules)
 
 
-def _members(cls: ast.ClassDef, classes: dict[str, ast.ClassDef], seen: int = 0) -> list:
-    """A class's methods, class attributes and self.x of its methods, then its bases' here."""
-    found = [(n, k, d, seen) for n, (k, d) in _bindings(cls).items()]
-    for node in ast.walk(cls):
-        stored = isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
-        if stored and getattr(node.value, "id", None) == "self":
-            found.append((node.attr, "attribute", f"self.{node.attr}", seen))
-    for base in cls.bases:
-        if getattr(base, "id", None) in classes and seen < 5:
-            found += _members(classes[base.id], classes, seen + 1)
+def _members(made: Any, parse: _Parse, modules: Callable[[str], dict], seen: int = 0) -> list:
+    """A class's methods, attributes and self.x, then its bases'; a module's or stdlib class's."""
+    if isinstance(made, str):
+        return [(n, k, d, seen) for n, (k, d) in modules(made).items()]
+    if not isinstance(made, ast.ClassDef) or seen > 5:
+        return []
+    found = [(n.removeprefix("self."), k, d, seen) for n, (k, d, _) in parse.bound(made).items()]
+    for base in made.bases:
+        found += _members(_made_of(parse, base, set()), parse, modules, seen + 1)
+    return found
+
+
+_LITERALS = dict(Constant="", JoinedStr="str", List="list", ListComp="list", Dict="dict",
+                 DictComp="dict", Set="set", SetComp="set", Tuple="tuple")  #: "", 1, [], {}...
+_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+_ASSIGNS = (ast.Assign, ast.AnnAssign, ast.withitem)
+
+
+def _made_of(parse: _Parse, node: Any, seen: set) -> Any:
+    """What the code makes an expression (or the first of a list) from: a class or function it
+    defines, or the path of a standard-library module or class (builtins.str for "x"), or None."""
+    if isinstance(node, (str, *_DEFS)):
+        return node
+    if isinstance(node, list):  # the first of these it can tell
+        return next((m for v in node if (m := _made_of(parse, v, seen)) is not None), None)
+    if node is None or node in seen or len(seen) > 50:  # each node looked at once, 50 at most
+        return None
+    seen.add(node)
+    if (literal := _LITERALS.get(type(node).__name__)) is not None:
+        return f"builtins.{literal or type(node.value).__name__}"
+    if isinstance(node, ast.Call):  # an instance of a class, or what a function returns
+        made = _made_of(parse, node.func, seen)
+        return "io.TextIOWrapper" if made == "builtins.open" else \
+            _made_of(parse, made.returns, seen) if isinstance(made, _DEFS[:2]) else made
+    if isinstance(node, ast.Attribute):  # of a module or class; x = or self.x = in a class
+        made = _made_of(parse, node.value, seen)
+        if isinstance(made, ast.ClassDef):
+            bound, none = parse.bound(made), (0, 0, [])
+            return _made_of(parse, bound.get(f"self.{node.attr}", none)[2]
+                          + bound.get(node.attr, none)[2], seen)
+        return f"{made}.{node.attr}" if isinstance(made, str) else None
+    if isinstance(node, ast.Subscript):  # Optional[T] is a T, list[T] a list
+        optional = ast.unparse(node.value).endswith("Optional")
+        return _made_of(parse, node.slice if optional else node.value, seen)
+    if isinstance(node, ast.BinOp):  # T | None
+        return _made_of(parse, [node.left, node.right], seen)
+    for scope in reversed(parse.scopes()) if isinstance(node, ast.Name) else ():
+        if isinstance(scope, ast.ClassDef):  # self and cls; its body's names are not seen
+            if node.id in ("self", "cls"):
+                return scope
+        elif (made := _made_of(parse, parse.bound(scope).get(node.id, (0, 0, []))[2], seen)):
+            return made
+    return f"builtins.{node.id}" if getattr(node, "id", None) in _BUILTINS else None
+
+
+def _targets(node: ast.AST) -> list[tuple[Any, list]]:
+    """What an assignment or `with ... as` gives each target: [(target, [annotation, value])]."""
+    value = getattr(node, "value", getattr(node, "context_expr", None))
+    found, one = [], getattr(node, "target", getattr(node, "optional_vars", None))
+    for target in getattr(node, "targets", [one]):
+        values = getattr(value, "elts", []) if isinstance(target, ast.Tuple) else [value]
+        for one, given in itertools.zip_longest(getattr(target, "elts", [target]), values):
+            found.append((one, [getattr(node, "annotation", None), given]))
     return found
 
 
@@ -1322,13 +1334,12 @@ def sandbox_program(name: str) -> str:
 
 
 class ModuleNames:
-    """The public names of standard-library modules, learned by importing each
-    one in the sandbox, once, never in the server: importing runs a module's
-    code (`lib2to3.__main__` exits, `antigravity` opens a browser), and C
-    modules and names made at import (`hashlib.md5`) are known no other way.
+    """The public names of standard-library modules and their classes (`threading.Thread`),
+    learned by importing each in the sandbox, once, never in the server: importing runs a
+    module's code (`lib2to3.__main__` exits, `antigravity` opens a browser), and C modules and
+    names made at import (`hashlib.md5`) are known no other way.
 
-    suggest() calls it; a module not learned yet raises Unlearned, and the
-    caller awaits learn() and asks again."""
+    Unlearned is raised for one not learned yet: the caller awaits learn() and asks again."""
 
     def __init__(self, run: Callable[[str, str], Any]) -> None:
         self._run = run  #: run(code, stdin) -> a run's result, as Runner.run gives
@@ -1346,7 +1357,7 @@ class ModuleNames:
             known = self._known.get(".".join(parts[:i]))
             if known is None:
                 raise Unlearned(".".join(parts[:i]))
-            if i < len(parts) and known.get(parts[i], ("",))[0] != "import":
+            if i < len(parts) and known.get(parts[i], ("",))[0] not in ("import", "class"):
                 return {}
         return known
 
@@ -1372,7 +1383,7 @@ class ModuleNames:
 async def complete(app: web.Application, code: str, cursor: int, language: str) -> dict:
     """suggest(), learning in the sandbox the modules it asks about first."""
     modules = app[MODULES]
-    for _ in range(4):  # a module and the packages above it
+    for _ in range(6):  # a module and the packages above it, a class in it
         try:
             return suggest(code, cursor, language, modules)
         except Unlearned as e:
@@ -1444,10 +1455,9 @@ class _Process(asyncio.SubprocessProtocol):
 
 
 class Turns:
-    """Fair turns for runs, `size` at once: a freed slot goes to the waiting
-    source (a room, a REST client's address) with the fewest runs going, then
-    the one served longest ago; a source with `per_source` runs waiting, or any
-    once `total` wait, is refused with 429, so none can lock the others out."""
+    """Fair turns for runs, `size` at once: a freed slot goes to the waiting source (a room, a
+    REST client's address) with the fewest runs going, then the one served longest ago; a source
+    with `per_source` runs waiting, or any once `total` wait, gets 429: none locks others out."""
 
     def __init__(self, size: int, per_source: int, total: int) -> None:
         self.free, self.per_source, self.total = size, per_source, total
@@ -1845,10 +1855,9 @@ def _is_loopback(address: str) -> bool:
 
 @web.middleware
 async def guard_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
-    """Who may call (SPEC): a request that came to a loopback address must
-    name a loopback host (a DNS-rebound page names its own); a browser page
-    must be the server's own or of a --cors-origin; a POST body must be JSON,
-    which no foreign page can send without a CORS preflight."""
+    """Who may call (SPEC): a request that came to a loopback address must name a loopback host
+    (a DNS-rebound page names its own); a browser page must be the server's own or of a
+    --cors-origin; a POST body must be JSON, which no foreign page sends without a preflight."""
     to = request.transport and request.transport.get_extra_info("sockname")
     to_loopback = isinstance(to, tuple) and _is_loopback(to[0])
     host = urlsplit("//" + request.headers.get("Host", "")).hostname or ""  # none: no name
@@ -2265,9 +2274,8 @@ async def _close_sockets(app: web.Application) -> None:
 
 
 def create_app(**options: Any) -> web.Application:
-    """Build the server as an aiohttp Application; `options` are Config's fields.
-
-    Nothing runs until the app is started, so it can be a sub-app of another."""
+    """Build the server as an aiohttp Application; `options` are Config's fields. Nothing
+    runs until the app is started, so it can be a sub-app of another."""
     config = Config(**options)
     config.admin_token = config.admin_token or os.environ.get("PAIRSERVER_ADMIN_TOKEN") \
         or secrets.token_urlsafe(24)

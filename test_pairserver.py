@@ -627,6 +627,44 @@ class Box(Base):
     assert labels(code).index("items") < labels(code).index("size")  # its own class before its base
 
 
+GARAGE = """class Engine:
+    power = 1
+    def start(self, gear=1):
+        pass
+class Car:
+    wheels: int = 4
+    def __init__(self, spare: Engine):
+        self.engine, self.spare = Engine(), spare
+    def drive(self) -> Engine:
+        return self.engine
+"""
+
+
+def test_members_of_what_the_code_builds():
+    car = {"wheels", "engine", "spare", "drive"}
+    assert car <= set(labels(GARAGE + "car = Car(Engine())\ncar.|")[:5])  # x = Foo() -> x.
+    assert labels(GARAGE + "def service(car: Car):\n    car.en|")[0] == "engine"  # annotated
+    assert labels(GARAGE + "car = Car(None)\ncar.engine.|")[:2] == ["start", "power"]  # self.x = Foo()
+    assert labels(GARAGE + "Car(None).drive().st|")[0] == "start"  # what a method returns
+    assert labels(GARAGE + "with Car(None) as car:\n    car.sp|")[0] == "spare"
+    later = "def park(car: Car):\n    car.|\n" + GARAGE  # a class defined after the cursor
+    assert car <= set(labels(later)[:5])
+    assert labels(GARAGE + "car = Car(None)\ncar.engine.start(ge|")[0] == "gear="  # a method's
+    assert "append" not in labels(GARAGE + "car = Car(None)\ncar.|")  # known: no guessing
+
+
+async def test_members_of_literals_builtins_and_standard_library_classes(server):
+    assert (await suggested(server, 'name = "ada"\nname.up|'))[0] == "upper"
+    assert (await suggested(server, "rows = [1]\nrows.app|"))[0] == "append"
+    assert "keys" not in await suggested(server, "rows = []\nrows.|")  # a list's, not a dict's
+    assert (await suggested(server, "text = str(3)\ntext.zf|"))[0] == "zfill"
+    assert (await suggested(server, "with open('f') as fh:\n    fh.readl|"))[:2] == ["readline",
+                                                                                    "readlines"]
+    code = "import threading\nclass Worker(threading.Thread):\n    def run(self):\n        self.sta|"
+    assert (await suggested(server, code))[0] == "start"  # a standard-library base
+    assert "close" in await suggested(server, "import io\nio.RawIOBase.cl|")  # a module's class
+
+
 async def suggested(server, code: str) -> list[str]:
     """The labels POST /autocomplete suggests where the | is."""
     resp = await server.post("/autocomplete", json={"code": code.replace("|", "", 1),
