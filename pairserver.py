@@ -1178,8 +1178,9 @@ def _names(parse: _Parse) -> list[Suggestion]:
         if isinstance(scope, ast.ClassDef) and depth:
             continue
         for name, (kind, detail, _) in parse.bound(scope).items():
-            if name != _CURSOR and name[:5] != "self.":
-                found.append((name, kind, detail, depth if depth < len(chain) - 1 else 5))
+            if name != _CURSOR:  # in a class body, also what its methods set as self.name
+                found.append((name.removeprefix("self."), kind, detail,
+                              depth if depth < len(chain) - 1 else 5))
     return found
 
 

@@ -596,6 +596,8 @@ def test_comprehension_and_class_body_scopes_are_their_own():
     assert complete(code)[0] == ("debug", "attribute")
     code = "class Config:\n    debug = False\n    def m(self):\n        return de|\n"
     assert ("debug", "attribute") not in complete(code)  # not visible from a method
+    code = "class Server:\n    ma|\n" + "    x = 0\n" * 80 + "    def start(self):\n        self.max_size = 5\n"
+    assert labels(code)[0] == "max_size"  # in the class body, what its methods set on self
 
 
 def test_details_tell_signatures_and_sources():
