@@ -755,6 +755,8 @@ def test_keywords_where_the_grammar_allows_them():
     assert typed("def f(rows):\n    r")[:3] == ["rows", "return", "raise"]
     assert "return" not in typed("r") and typed("i")[0] in ("if", "import")
     assert typed("class A:\n    d")[0] == "def"
+    sums = "".join(f"    total_{i} = sum(r[{i}] for r in rows)\n" for i in range(6))
+    assert typed("def report(rows):\n    invoice = rows[0]\n" + sums + "    i")[0] == "if"  # common
     # a block's continuations after it (except or finally must follow try), break in loops...
     assert typed("try:\n    x = 1\ne")[0] == "except" and "elif" not in typed("x = 1\ne")
     assert typed("if x:\n    y = 1\n# why\n\nel")[:2] == ["elif", "else"]
