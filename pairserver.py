@@ -427,14 +427,12 @@ class Stale(Exception):
 class Client:
     """One connected socket of a room.
 
-    Messages are written straight into the connection's transport as
-    ready-made WebSocket frames: one bytes object per broadcast serves every
-    socket, and no task or queue is kept per socket. The transport's buffer is
-    the outgoing queue, bounded: a socket that falls too far behind is
-    dropped (it can reconnect and get `init`) so that it stalls nobody else.
-    This is safe beside aiohttp's own writer (pings, pongs, the close frame):
-    both write whole frames from the one event-loop thread, so they never
-    interleave, and aiohttp's frames are unmasked and uncompressed like ours."""
+    Messages go straight into the connection's transport as ready-made WebSocket
+    frames: one bytes object per broadcast serves every socket, with no task or
+    queue per socket. The transport's buffer is the bounded outgoing queue: a
+    socket too far behind is dropped (it may reconnect) so that it stalls nobody.
+    aiohttp's own frames (pings, pongs, the close) are whole, unmasked and
+    uncompressed like ours, and written from the same thread: never interleaved."""
 
     id: str
     name: str
@@ -694,8 +692,7 @@ def expire(rooms: Rooms, ttl: float, unused_ttl: float) -> None:
     """Let go of rooms empty and unchanged for ttl s, unjoined ones after unused_ttl (0: never)."""
     now = datetime.now(timezone.utc)
     for room in rooms:
-        changed = datetime.fromisoformat(room.updated_at.replace("Z", "+00:00"))
-        idle = (now - changed).total_seconds()
+        idle = (now - datetime.fromisoformat(room.updated_at)).total_seconds()
         too_long = 0 < ttl < idle or room.unused and 0 < unused_ttl < idle
         if too_long and not room.clients:
             rooms.forget(room.id)
@@ -1048,9 +1045,8 @@ def _words(code: str, start: int, cursor: int, after_dot: bool = False) -> list[
 # ---------------------------------------------------------------------------
 
 def _parse_near(code: str, start: int, line0: int = 0) -> _Parse:
-    """Parse the text top-level block by block, so that a broken one costs only itself, all
-    but the cursor's from a cache (a keystroke changes one), the cursor's mended so that its
-    word is a name in its innermost scope; blocks not reached in SUGGEST_PARSE_SECONDS left out."""
+    """The text parsed block by block (see above), all but the cursor's from a cache (a keystroke
+    changes one); blocks not reached in SUGGEST_PARSE_SECONDS left out."""
     lines, deadline = code.split("\n"), time.thread_time() + SUGGEST_PARSE_SECONDS
     row, body, names = code.count("\n", 0, start), [], {}
     blocks = list(zip(tops := _blocks(lines), tops[1:] + [len(lines)]))
@@ -1338,9 +1334,7 @@ class ModuleNames:
     """The public names of standard-library modules and their classes (`threading.Thread`),
     learned by importing each in the sandbox, once, never in the server: importing runs a
     module's code (`lib2to3.__main__` exits, `antigravity` opens a browser), and C modules and
-    names made at import (`hashlib.md5`) are known no other way.
-
-    Unlearned is raised for one not learned yet: the caller awaits learn() and asks again."""
+    names made at import (`hashlib.md5`) are known no other way."""
 
     def __init__(self, run: Callable[[str, str], Any]) -> None:
         self._run = run  #: run(code, stdin) -> a run's result, as Runner.run gives
@@ -2048,9 +2042,7 @@ def error_response(status: int, code: str, message: str, **headers: str) -> web.
                              status=status, headers=headers)
 
 
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type",
-               429: "too_busy"}
+_HTTP_CODES = {413: "too_large", 429: "too_busy"}  #: the others are their reason: not_found
 
 
 @web.middleware
@@ -2064,7 +2056,7 @@ async def error_middleware(request: web.Request, handler: Callable) -> web.Strea
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        code = _HTTP_CODES.get(e.status, "http_error")
+        code = _HTTP_CODES.get(e.status) or e.reason.lower().replace(" ", "_")
         return error_response(e.status, code, e.reason, **{
             k: v for k, v in e.headers.items() if k in ("Allow", "Retry-After")})
     except (asyncio.CancelledError, ConnectionError):
@@ -2168,10 +2160,8 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         rooms.spawn(old.ws.close(code=CLOSE_REPLACED, message=b"replaced"))
         if old.name != name:
             _broadcast(room, _message("rename", clientId=client_id, name=name), skip=client)
-    client.send(_message("init", roomId=room.id, clientId=client_id, version=room.version,
-                         code=room.text, language=room.language, execution=dict(room.execution),
-                         clients=[{**c.describe(), "cursor": c.cursor}
-                                  for c in room.clients.values()]))
+    client.send(_message("init", **{**room.describe(), "clientId": client_id, "clients": [
+        {**c.describe(), "cursor": c.cursor} for c in room.clients.values()]}))
     if old is None:
         _broadcast(room, _message("user_joined", **client.describe()), skip=client)
     log.info("%s %s room %s", client_id, "rejoined" if old else "joined", room.id)

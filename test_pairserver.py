@@ -1392,9 +1392,11 @@ async def test_python_api_for_embedding_scripts(aiohttp_client):
 async def test_init_and_presence(server):
     room = await make_room(server, "x = 1\n")
     alice, init = await join(server, room, "alice", name="Alice")
+    made = server.app[ROOMS].get(room)
     assert init == {"type": "init", "roomId": room, "clientId": "alice", "version": 0,
                     "code": "x = 1\n", "language": "python",
                     "execution": {"running": False, "clientId": None},
+                    "createdAt": made.created_at, "updatedAt": made.updated_at,
                     "clients": [{"clientId": "alice", "name": "Alice", "color": 0, "cursor": None}]}
     bob, init = await join(server, room, "bob")
     assert [c["clientId"] for c in init["clients"]] == ["alice", "bob"]
