@@ -856,12 +856,12 @@ _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef,
            ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 _PAIRS = {"(": ")", "[": "]", "{": "}"}
 _CURSOR = "__cursor__"  #: the name put at the cursor, to find where it is in the tree
-#: Builtins common enough to rank with a program's own names.
-_COMMON = set("""len print isinstance range str int list dict set tuple open hasattr getattr
-setattr super type enumerate zip sorted min max sum any all bool repr iter next map filter object
-id callable format abs bytes float property staticmethod classmethod reversed round vars dir None
-True False Exception ValueError TypeError KeyError AttributeError IndexError RuntimeError OSError
-NotImplementedError StopIteration""".split())
+#: Builtins common enough to rank with a program's own names, the commonest first.
+_COMMON = {b: 6 + i / 20 for i, b in enumerate("""None str False True isinstance len int list dict
+bool ValueError property range super tuple type set TypeError getattr hasattr float bytes
+classmethod object print NotImplementedError Exception enumerate max staticmethod KeyError zip abs
+min sorted AttributeError any all map next OSError id repr sum iter RuntimeError open dir setattr
+IndexError vars callable reversed filter format StopIteration round""".split())}
 _BUILTINS, _DUNDERS = [b for b in dir(builtins) if b[0] != "_"], ("__name__", "__file__", "__doc__")
 #: What an object of unknown type most likely has: the methods of the common built-in types.
 _TYPE_METHODS = sorted({n for t in (str, bytes, list, dict, set) for n in dir(t) if n[0] != "_"})
@@ -938,8 +938,8 @@ def _suggest(code: str, cursor: int, language: str, modules: Callable[[str], dic
                            for w in _words(code, start, cursor, after_dot=True)] \
             + [(n, "method", None, 7) for n in _TYPE_METHODS if not members]
     else:
-        found = _keyword_args(parse, statement, name) + _names(parse) \
-            + [(b, "builtin", None, 6 if b in _COMMON else 8) for b in _BUILTINS] \
+        found = _parameters(parse, statement, name) + _names(parse) \
+            + [(b, "builtin", None, _COMMON.get(b, 8)) for b in _BUILTINS] \
             + [(d, "global", "every module has it", 7) for d in _DUNDERS] \
             + _keywords(before, whole and not inside, code, start) \
             + [(w, "word", None, 12) for w in _words(code, start, cursor)]  # what no parse bound
@@ -963,7 +963,8 @@ def _keywords(before: str, whole: bool, code: str, start: int) -> list[Suggestio
     end = re.search(r"([\w.]+|[)\]}'\"])[ \t]+(not[ \t]+)?\Z", before)
     if end and not keyword.iskeyword(end.group(1)):  # `x i`, `import typing a`, `x not i`
         first = "import" if re.fullmatch(r"\s*from\s+[\w.]+\s+", before) else "as"
-        order = (first, *_INFIX) if re.match(r"\s*(import|from|except|with)\b", before) else _INFIX
+        order = (first, *_INFIX) if re.match(r"\s*(import|from|except|with)\b", before) else \
+            ("is", "and", *_INFIX) if re.match(r"\s*(if|assert)\b", before) else _INFIX
         return [(k, "keyword", None, 100 * i - 10_000) for i, k in enumerate(dict.fromkeys(order))]
     if not whole or before.strip():  # inside an expression
         return [(k, "keyword", None, 5) for k in _VALUES]
@@ -973,7 +974,7 @@ def _keywords(before: str, whole: bool, code: str, start: int) -> list[Suggestio
     must = ("except", "finally") if previous == "try" else ("case",) * (heads[:1] == ["match"])
     may = {*must, *_AFTER.get(previous, "").split(), "await" * (inner == "async"),
            *("return", "yield") * (inner in ("def", "async")), *("break", "continue") * bool(loop)}
-    return [(k, "keyword", None, 2 * i - 30 - 10_000 * (k in must))  # the commonest before names
+    return [(k, "keyword", None, 2 * i - 60 - 10_000 * (k in must))  # the commonest before names
             for i, k in enumerate(_STARTS) if k in may or k not in _GATED]
 
 
@@ -1026,10 +1027,10 @@ def _nearness(code: str, start: int, cursor: int) -> dict[str, float]:
     for i, word in enumerate(reversed(above)):
         score.setdefault(word, 100 / (1 + i / 12))
     for i, word in enumerate(w for w in _CODE_WORD.findall(code, cursor, cursor + 1000) if w):
-        score[word] = max(score.get(word, 0), 50 / (1 + i / 12))
+        score[word] = max(score.get(word, 0), 80 / (1 + i / 12))
     around = _CODE_WORD.findall(code, max(0, start - 8000), cursor + 4000)
     for word, n in collections.Counter(around).items():
-        score[word] = score.get(word, 0) + 5 * math.log2(n)  # and the more it is used
+        score[word] = score.get(word, 0) + 10 * math.log2(n)  # and the more it is used
     return score
 
 
@@ -1231,8 +1232,14 @@ def _bindings(scope: ast.AST, first: int = 0) -> dict[str, tuple[str, str | None
     return found
 
 
-def _keyword_args(parse: _Parse, call: ast.AST, name: ast.AST) -> list[Suggestion]:
-    """In f(|), f a function, class or method the code defines: its keyword parameters, `name=`."""
+def _parameters(parse: _Parse, call: ast.AST, name: ast.AST) -> list[Suggestion]:
+    """In f(|), f a function, class or method the code defines: its keyword parameters, `name=`.
+    In `def f(|`, the parameter being named: the names its body uses but nothing binds."""
+    if isinstance(name, _DEFS[:2]) and _CURSOR in [a.arg for a in ast.walk(name.args)
+                                                      if isinstance(a, ast.arg)]:
+        known = {*parse.bound(name), *parse.bound(parse.tree), *dir(builtins)}
+        return [(n.id, "param", None, -1000) for n in ast.walk(name)
+                if isinstance(n, ast.Name) and n.id not in known]
     call = call if isinstance(call, ast.Call) and name in call.args else None
     node = call and _made_of(parse, call.func, set())
     if isinstance(node, ast.ClassDef):  # its __init__'s

@@ -746,7 +746,8 @@ def test_a_word_on_the_line_after_a_from_import_gets_names():
 def test_keywords_where_the_grammar_allows_them():
     typed = lambda code: labels(code + "|")  # noqa: E731 - the cursor at the end
     # after a complete expression only the keywords that may follow one, and first
-    assert typed("for item in items:\n    if item i")[:2] == ["in", "is"]
+    assert typed("for item in items:\n    if item i")[:2] == ["is", "in"]  # in ifs, is is commoner
+    assert typed("for item i")[0] == "in"
     assert typed("import typing a")[0] == "as"
     assert typed("try:\n    pass\nexcept (KeyError, ValueError) a")[0] == "as"
     assert typed("names = []\nprint(3 not i")[0] == "in"
@@ -776,6 +777,12 @@ def test_keyword_parameters_inside_a_call():
     assert labels(code)[:3] == ["timeout=", "port=", "host="]
     code = "class Server:\n    def __init__(self, host, debug=False):\n        pass\nServer(de|"
     assert labels(code)[0] == "debug="
+
+
+def test_a_parameter_being_named_is_a_name_the_body_uses_that_nothing_binds():
+    body = "):\n    width = default_width\n    return [i for i in items if len(i) < displaywidth]\n"
+    assert labels("default_width = 80\ndef columnize(items, d|" + body)[0] == "displaywidth"
+    assert labels("default_width = 80\ndef columnize(items, n=d|" + body)[0] == "default_width"
 
 
 @pytest.mark.parametrize("code, want", [
