@@ -960,8 +960,11 @@ _AFTER = {"if": "elif else", "elif": "elif else", "try": "except finally", "for"
 
 def _keywords(before: str, whole: bool, code: str, start: int) -> list[Suggestion]:
     """Keywords the grammar allows: after an expression (first), at a statement's start, else."""
-    end = re.search(r"([\w.]+|[)\]}'\"])[ \t]+(not[ \t]+)?\Z", before)
-    if end and not keyword.iskeyword(end.group(1)):  # `x i`, `import typing a`, `x not i`
+    prior = code[max(code.rfind("\n", 0, max(0, start - len(before) - 1)) + 1, start - 300):start]
+    bare = re.sub(r"'[^']*'|\"[^\"]*\"|#.*", "", prior)  # brackets in strings do not count
+    opened = not before.strip() and sum(map(bare.count, "([{")) > sum(map(bare.count, ")]}"))
+    end = re.search(r"([\w.]+|[)\]}'\"])\s+(not\s+)?\Z", prior if opened else before)
+    if end and (end[1].istitle() or not keyword.iskeyword(end[1])):  # `x i`, `x not i`, `None a`
         first = "import" if re.fullmatch(r"\s*from\s+[\w.]+\s+", before) else "as"
         order = (first, *_INFIX) if re.match(r"\s*(import|from|except|with)\b", before) else \
             ("is", "and", *_INFIX) if re.match(r"\s*(if|assert)\b", before) else _INFIX
@@ -1066,7 +1069,7 @@ def _parse_near(code: str, start: int, line0: int = 0) -> _Parse:
     return _Parse(tree, row - at, col, {id(tree): names})
 
 
-_DEFINES = ("def ", "async ", "class ", "@")
+_DEFINES = re.compile(r"(async\s+)?(def|class)\s+\w+\s*[(:\[]|@")  #: not prose: `class will`
 _CONTINUES = ("#", ")", "]", "}", "else", "elif", "except", "finally")  #: no block starts so
 
 
@@ -1076,7 +1079,7 @@ def _blocks(lines: list[str]) -> list[int]:
     for i, line in enumerate(lines):
         top = i and line[:1].strip() and not line.startswith(_CONTINUES)
         decorated = lines[i - 1].startswith("@")
-        ends = line.startswith(_DEFINES) or lines[starts[-1]].startswith(_DEFINES) \
+        ends = _DEFINES.match(line) or _DEFINES.match(lines[starts[-1]]) \
             or i - starts[-1] > 200  # a definition begins or ends, or the lines grow many
         if top and not decorated and ends:
             starts.append(i)

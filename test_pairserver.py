@@ -752,6 +752,9 @@ def test_keywords_where_the_grammar_allows_them():
     assert typed("try:\n    pass\nexcept (KeyError, ValueError) a")[0] == "as"
     assert typed("names = []\nprint(3 not i")[0] == "in"
     assert typed("raise KeyError fr")[0] == "from" and typed("from types i")[0] == "import"
+    assert typed("if x is not None a")[0] == "and" and typed("while done is True o")[0] == "or"
+    assert typed("ok = (a in (b, c)\n      o")[0] == "or" and typed("x = [a for a in b\n     i")[0] == "in"
+    assert typed("print('(')\ni")[0] == "if" and typed("f(a,\n  i")[0] != "in"  # strings, commas
     # at a statement's start: the statement keywords there, return and yield only in a function
     assert typed("def f(rows):\n    r")[:3] == ["rows", "return", "raise"]
     assert "return" not in typed("r") and typed("i")[0] in ("if", "import")
@@ -794,6 +797,12 @@ def test_a_parameter_being_named_is_a_name_the_body_uses_that_nothing_binds():
 ])
 def test_broken_code_still_gets_the_names_at_the_cursor(code, want):
     assert labels(code)[0] == want
+
+
+def test_prose_in_a_docstring_is_not_taken_for_a_definition():
+    prose = "".join(f"and so on, page {i}\n" for i in range(12))  # more lines than _mend mends
+    code = f'"""Servers.\n\nclass will be deaf while a request waits\n{prose}"""\nLIMIT = 3\n'
+    assert complete(code + "\n\ndef f():\n    return LIM|")[0] == ("LIMIT", "global")
 
 
 def test_ranking_prefix_case_then_fuzzy_then_nearness():
