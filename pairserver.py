@@ -1529,6 +1529,7 @@ class Runner:
         self._pool = {name: collections.deque() for name in self.languages}
         self._live: set[_Process] = set()
         self._cgroup_base: list[Path] = []
+        self.stopped = False  #: by stop(): no run and no interpreter starts from then on
 
     @property
     def sandbox(self) -> str:
@@ -1562,8 +1563,8 @@ class Runner:
         return probe.transport.get_returncode() == 0
 
     async def stop(self) -> None:
-        """Kill every run and pooled interpreter; remove their cgroups."""
-        procs = list(self._live)
+        """Kill every run and pooled interpreter, refuse the runs waiting; remove their cgroups."""
+        procs, self.stopped = list(self._live), True
         for proc in procs:
             self._discard(proc)
         started = [proc.exited for proc in procs if proc.transport]
@@ -1635,7 +1636,9 @@ class Runner:
                 "cancelled": cancelled in done and killed, "durationMs": round(duration * 1000, 1)}
 
     def _take(self, language: str) -> _Process:
-        """A waiting interpreter from the pool, or a cold one."""
+        """A waiting interpreter from the pool, or a cold one; none once stopped."""
+        if self.stopped:
+            raise PairError("cannot_run", "the server is stopping; try again shortly", 503)
         pool = self._pool[language]
         while pool:
             proc = pool.popleft()
@@ -1645,17 +1648,17 @@ class Runner:
         return self._start(language)
 
     def _refill(self, language: str) -> None:
-        if len(self._pool[language]) < self.config.pool:
+        if not self.stopped and len(self._pool[language]) < self.config.pool:
             self._pool[language].append(self._start(language))
 
     def _start(self, language: str) -> _Process:
         proc = _Process(self.config.max_output)
         proc.ready = asyncio.ensure_future(self._spawn(proc, self.languages[language]))
+        self._live.add(proc)  # now, so that stop() finds it even before it is spawned
         return proc
 
     async def _spawn(self, proc: _Process, argv: list[str]) -> None:
         """Start argv in the sandbox, with its limits, its cgroup, its own folder."""
-        self._live.add(proc)
         proc.cgroups = _make_cgroup(self._cgroup_base, f"run-{secrets.token_hex(8)}", self.config)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/work"}
         fds: tuple[int, ...] = ()
@@ -1987,10 +1990,9 @@ async def execute(request: web.Request) -> web.Response:
     timeout = _field(body, "timeout", (int, float), config.timeout)
     if not (math.isfinite(timeout) and timeout > 0):
         raise PairError("bad_request", "'timeout' must be a positive number of seconds")
-    result = await request.app[RUNNER].run(_field(body, "language", str, "python"), code, stdin,
-                                           min(timeout, config.max_timeout),
-                                           source=request.remote or "")
-    return web.json_response(result)
+    return web.json_response(await request.app[RUNNER].run(
+        _field(body, "language", str, "python"), code, stdin, min(timeout, config.max_timeout),
+        source=request.remote or ""))
 
 
 async def languages(request: web.Request) -> web.Response:
@@ -2198,8 +2200,7 @@ def _receive(app: web.Application, room: Room, client: Client, data: str) -> Non
             msg = json.loads(data)
         if not isinstance(msg, dict):
             raise PairError("bad_message", "a message must be one JSON object")
-        seq = msg.get("seq")
-        kind = msg.get("type")
+        seq, kind = msg.get("seq"), msg.get("type")
         handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
         if handler is None:
             raise PairError("bad_message", f"unknown message type {kind!r}")
@@ -2248,9 +2249,8 @@ def _on_rename(room: Room, client: Client, msg: dict, app: web.Application) -> N
 
 
 def _on_language(room: Room, client: Client, msg: dict, app: web.Application) -> None:
-    language = _field(msg, "language", str)
-    room.set_language(language)
-    _broadcast(room, _message("language", language=language, clientId=client.id))
+    room.set_language(_field(msg, "language", str))
+    _broadcast(room, _message("language", language=room.language, clientId=client.id))
 
 
 _HANDLERS: dict[str, Callable[[Room, Client, dict, web.Application], None]] = {

@@ -987,6 +987,35 @@ async def test_a_fork_bomb_and_a_new_session_child_leave_nothing_behind(aiohttp_
     assert (await server.get("/health")).status == 200
 
 
+def children() -> set[int]:
+    """Pids of this process's children: interpreters a Runner started and did not reap."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                found.add(int(stat.parent.name))
+    return found
+
+
+async def test_stopping_kills_the_run_refuses_the_waiting_and_starts_nothing_after():
+    before = children()
+    runner = pairserver.Runner(Config(max_runs=1, pool=1))
+    await runner.start()
+    going = asyncio.Event()
+    running = asyncio.ensure_future(runner.run("python", "print('go', flush=True)\nwhile 1: pass",
+                                               timeout=30, on_output=lambda *_: going.set(), source="a"))
+    waiting = asyncio.ensure_future(runner.run("python", "print('late')", source="b"))
+    await going.wait()
+    await runner.stop()
+    assert (await running)["exitCode"] == -9
+    with pytest.raises(PairError) as refused:  # not started once the server stops
+        await waiting
+    assert refused.value.status == 503 and refused.value.code == "cannot_run"
+    # The runs' ends would refill the pools: an interpreter spawned then would be forked by now
+    # (its task was scheduled before this one woke), and would outlive the stopped runner.
+    assert children() <= before
+
+
 @needs_bwrap
 async def test_the_sandbox_hides_the_host_the_server_and_the_network(server, tmp_path, monkeypatch):
     home = os.path.expanduser("~")
