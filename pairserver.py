@@ -50,6 +50,7 @@ import struct
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -193,7 +194,7 @@ async def _json_body(request: web.Request, optional: bool = False) -> dict:
 
 _ASTRAL = re.compile("[\U00010000-\U0010ffff]")
 _PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
-_LONE = re.compile("[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]")
+_UNFIT = re.compile("\0|[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]")
 
 
 def _surrogates(match: re.Match) -> str:
@@ -212,12 +213,12 @@ def from_units(s: str) -> str:
 
 
 def checked_units(code: str, max_code: int) -> str:
-    """code in UTF-16 units; PairError if longer than max_code or holding half a pair."""
+    """code in UTF-16 units; PairError if longer than max_code or holding NUL or half a pair."""
     units = to_units(code)
     if len(units) > max_code:
         raise PairError("too_large", f"code exceeds {max_code} UTF-16 code units", 413)
-    if _LONE.search(units):
-        raise PairError("bad_request", "code holds half of a surrogate pair")
+    if _UNFIT.search(units):  # PostgreSQL keeps no NUL: one would stop every room's writes
+        raise PairError("bad_request", "code holds a NUL or half of a surrogate pair")
     return units
 
 
@@ -403,12 +404,12 @@ def map_position(op: Op, pos: int) -> int:
 
 
 def _check_boundaries(text: str, op: Op) -> None:
-    """Refuse an op that would cut a surrogate pair or insert half of one."""
+    """Refuse an op that would cut a surrogate pair or insert half of one, or a NUL."""
     i = 0
     for c in op:
         if isinstance(c, str):
-            if _LONE.search(c):
-                raise PairError("bad_change", "inserted text holds half of a surrogate pair")
+            if _UNFIT.search(c):
+                raise PairError("bad_change", "inserted text holds a NUL or half a surrogate pair")
         else:
             i += abs(c)
         if splits_pair(text, i):
@@ -1157,7 +1158,8 @@ def _mend(text: str, keep: int, deadline: float) -> tuple[list[ast.stmt] | None,
         if attempt and time.thread_time() > deadline:
             return None, -2
         try:
-            return ast.parse("\n".join(lines)).body, -1
+            with warnings.catch_warnings(action="ignore"):  # 3.12 prints `"\d"` at each parse
+                return ast.parse("\n".join(lines)).body, -1
         except SyntaxError as e:
             bad, colon = (e.lineno or 1) - 1, "expected ':'" in e.msg
             kept_line_broken = bad == keep and (not colon or bad in patched)
@@ -1375,9 +1377,8 @@ class ModuleNames:
     async def _learn(self, name: str) -> None:
         try:
             result = await self._run(self._program, name)
-            last = result["stdout"].rstrip().rpartition("\n")[2]
-            found = json.loads(last) if result["exitCode"] == 0 else {}
-            found = {n: tuple(v) for n, v in found.items()}
+            out = result["stdout"].rstrip().rpartition("\n")[2] if result["exitCode"] == 0 else "{}"
+            found = {n: tuple(v) for n, v in json.loads(out).items()}  # learn.py says it last
             self._known.put(name, found, 4 * len(result["stdout"]) + 100)
         except (PairError, ValueError):  # too busy, or no answer: asked again next time
             pass
@@ -2005,8 +2006,7 @@ def _on_execute(room: Room, client: Client, msg: dict, app: web.Application) -> 
     _require_isolation(app)
     if room.execution["running"]:
         raise PairError("execution_locked", f"{room.execution['clientId']} is running the code")
-    room.execution = {"running": True, "clientId": client.id}
-    room.cancel = asyncio.Event()
+    room.execution, room.cancel = {"running": True, "clientId": client.id}, asyncio.Event()
     _broadcast(room, _message("execution_lock", locked=True, clientId=client.id))
     app[ROOMS].spawn(_run_in_room(app, room, client, stdin))
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import aiohttp
@@ -461,6 +462,25 @@ async def test_an_unreachable_postgresql_is_a_clear_startup_error():
     assert proc.returncode not in (0, None) and "--db postgresql://...@127.0.0.1" in err.decode()
 
 
+async def test_a_nul_is_refused_so_that_it_cannot_stop_the_store_keeping_rooms(aiohttp_client, db):
+    server = await aiohttp_client(create_app(db=db))
+    refused = await server.post("/rooms", json={"code": "a\0b"})  # PostgreSQL keeps no NUL
+    assert refused.status == 400 and (await refused.json())["error"]["code"] == "bad_request"
+    room = (await (await server.post("/rooms", json={"code": "kept\n"})).json())["roomId"]
+    ws = await server.ws_connect(f"/ws/{room}/alice")
+    assert (await ws.receive_json())["type"] == "init"
+    for update in ({"changes": [{"from": 0, "to": 0, "insert": "\0"}]}, {"code": "kept\0\n"}):
+        await ws.send_json({"type": "code_update", "version": 0, **update})
+        assert (await ws.receive_json())["code"] == "bad_change"
+    await ws.send_json({"type": "code_update", "version": 0,
+                        "changes": [{"from": 5, "to": 5, "insert": "too\n"}]})
+    assert (await ws.receive_json())["version"] == 1
+    await ws.close()
+    await server.close()  # written at the end
+    server = await aiohttp_client(create_app(db=db))
+    assert (await (await server.get(f"/rooms/{room}")).json())["code"] == "kept\ntoo\n"
+
+
 async def test_sqlite_failing_mid_session_loses_nothing(tmp_path):
     db = str(tmp_path / "rooms.db")
     server = await Server.start("--db", db)
@@ -803,6 +823,16 @@ def test_prose_in_a_docstring_is_not_taken_for_a_definition():
     prose = "".join(f"and so on, page {i}\n" for i in range(12))  # more lines than _mend mends
     code = f'"""Servers.\n\nclass will be deaf while a request waits\n{prose}"""\nLIMIT = 3\n'
     assert complete(code + "\n\ndef f():\n    return LIM|")[0] == ("LIMIT", "global")
+
+
+def test_code_the_parser_warns_about_is_read_and_warns_nobody():
+    code = 'import re\n\ndef f():\n    digits = re.compile("\\d+")\n    odd = 1if digits else 2\n    return '
+    found = complete(code + "di|") + complete(code + "od|")  # warnings are errors here (pytest.ini)
+    assert ("digits", "local") in found and ("odd", "local") in found
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        complete(code + "od|")
+    assert not warned  # Python 3.12 printed "\d" on the server's stderr at every keystroke
 
 
 def test_ranking_prefix_case_then_fuzzy_then_nearness():
@@ -2037,6 +2067,23 @@ async def test_page_typing_offline_is_sent_on_return(server, chromium):
         return len(texts) == 1 and "typed offline" in texts.pop()
     await eventually(merged, 20)
     assert (await alice.text()).startswith("# online\nnotes = []\n")
+    assert alice.errors == bob.errors == []
+
+
+async def test_page_an_edit_the_server_refuses_leaves_the_page_in_step(aiohttp_client, chromium):
+    server = await aiohttp_client(create_app(max_code=40, heartbeat=0))
+    room = await make_room(server, "x = 1\n")
+    alice, bob = [await Person.open(chromium, server, room, name) for name in ("Alice", "Bob")]
+    await alice.caret_at(len("x = 1\n"))
+    await alice.page.keyboard.insert_text("# a paste longer than the room may hold\n")
+    await alice.page.locator("#notice", has_text="too_large").wait_for()
+    await eventually(lambda: alice.page.evaluate("pairserver.view.state.doc.toString() === 'x = 1\\n'"))
+    await alice.page.keyboard.type("y = 2\n")  # taken, not queued behind the refused paste
+
+    async def in_step():
+        texts = {await alice.text(), await bob.text(), await room_text(server, room)}
+        return texts == {"x = 1\ny = 2\n"}
+    await eventually(in_step)
     assert alice.errors == bob.errors == []
 
 
