@@ -285,21 +285,23 @@ def test_random_concurrent_updates_converge_and_lose_no_insert(data):
                 view[1] = replay(view[1], changes)
             view[0] = len(stream)
             continue
-        text, changes = view[1], []
+        text, changes, made, unmade = view[1], [], set(), set()
         for _ in range(data.draw(st.integers(1, 2))):
             chars = from_units(text)
             i = data.draw(st.integers(0, len(chars)))
             j = data.draw(st.integers(i, min(len(chars), i + 3)))
             new = "".join(next(fresh) for _ in range(data.draw(st.integers(0, 2))))
-            inserted.update(new)
-            seen_deleted.update(chars[i:j])
+            made.update(new)
+            unmade.update(chars[i:j])
             start, end = len(to_units(chars[:i])), len(to_units(chars[:j]))
             changes.append({"from": start, "to": end, "insert": new})
             text = text[:start] + to_units(new) + text[end:]
         try:
             stream.append(room.apply_update(view[0], changes))
-        except Stale:
-            view[:] = [room.version, room.text]            # resync
+            inserted |= made
+            seen_deleted |= unmade
+        except Stale:  # dropped, and its author told so: resync (its edits are the author's to redo)
+            view[:] = [room.version, room.text]
     for view in views:
         for changes in stream[view[0]:]:
             view[1] = replay(view[1], changes)
@@ -2067,6 +2069,7 @@ async def test_page_typing_offline_is_sent_on_return(server, chromium):
         return len(texts) == 1 and "typed offline" in texts.pop()
     await eventually(merged, 20)
     assert (await alice.text()).startswith("# online\nnotes = []\n")
+    assert (await alice.text()).count("typed offline") == 1  # sent once: not flushed, then rebased too
     assert alice.errors == bob.errors == []
 
 
@@ -2084,6 +2087,34 @@ async def test_page_an_edit_the_server_refuses_leaves_the_page_in_step(aiohttp_c
         texts = {await alice.text(), await bob.text(), await room_text(server, room)}
         return texts == {"x = 1\ny = 2\n"}
     await eventually(in_step)
+    assert alice.errors == bob.errors == []
+
+
+async def test_page_typing_offline_survives_a_room_too_busy_to_rebase_it(aiohttp_client, chromium):
+    server = await aiohttp_client(create_app(history=3, heartbeat=0))  # 3 updates kept: then resync
+    room = await make_room(server, "first\nlast\n")
+    alice, bob = [await Person.open(chromium, server, room, name) for name in ("Alice", "Bob")]
+    bob_id = await bob.page.evaluate("pairserver.S.clientId")
+    await bob.context.set_offline(True)
+    if (gone := server.app[ROOMS].get(room).clients.get(bob_id)) is not None:
+        gone.transport.abort()
+    await bob.page.locator("#status.offline").wait_for()
+    await bob.caret_at(len("first\nlast"))
+    await bob.page.keyboard.type(" (bob, offline)")
+    await alice.caret_at(len("first\n"))
+    await alice.page.keyboard.type("alice 1\nalice 2\n", delay=20)  # more updates than the room keeps
+
+    async def typed():
+        return await room_text(server, room) == "first\nalice 1\nalice 2\nlast\n"
+    await eventually(typed)
+    assert server.app[ROOMS].get(room).version > 3
+    await bob.context.set_offline(False)
+    await bob.page.locator("#notice", has_text="merged").wait_for(timeout=5000)
+
+    async def merged():
+        texts = {await alice.text(), await bob.text(), await room_text(server, room)}
+        return texts == {"first\nalice 1\nalice 2\nlast (bob, offline)\n"}
+    await eventually(merged, 20)
     assert alice.errors == bob.errors == []
 
 
