@@ -1078,11 +1078,10 @@ def _blocks(lines: list[str]) -> list[int]:
     """Where the top-level blocks start: each definition one, the lines between at most 200."""
     starts = [0]
     for i, line in enumerate(lines):
-        top = i and line[:1].strip() and not line.startswith(_CONTINUES)
-        decorated = lines[i - 1].startswith("@")
-        ends = _DEFINES.match(line) or _DEFINES.match(lines[starts[-1]]) \
-            or i - starts[-1] > 200  # a definition begins or ends, or the lines grow many
-        if top and not decorated and ends:
+        top = i and line[:1].strip() and not line.startswith(_CONTINUES) \
+            and not lines[i - 1].startswith("@")  # at column 0, and not a decorated definition
+        if top and (_DEFINES.match(line) or _DEFINES.match(lines[starts[-1]])
+                    or i - starts[-1] > 200):  # a definition begins or ends, or the lines grow many
             starts.append(i)
     return starts
 
