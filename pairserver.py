@@ -503,6 +503,7 @@ class Room:
     history: collections.deque = field(default_factory=collections.deque)
     history_units: int = 0
     clients: dict[str, Client] = field(default_factory=dict)
+    seqs: Any = field(default_factory=lambda: _Memo(64 << 10))  #: each client's last applied seq
     execution: dict = field(default_factory=lambda: {"running": False, "clientId": None})
     cancel: asyncio.Event | None = None  #: set to stop the room's run
     unused: bool = False               #: made by POST /rooms and never joined yet
@@ -1608,9 +1609,8 @@ class Runner:
     async def _run(self, proc, code, stdin, timeout, on_output, cancel) -> dict:
         await proc.ready
         proc.on_output = on_output or proc.on_output
-        src = code.encode("utf-8", "replace")
+        src, feed = code.encode("utf-8", "replace"), proc.transport.get_pipe_transport(0)
         started = time.monotonic()
-        feed = proc.transport.get_pipe_transport(0)
         feed.write(b"%d\n%s%s" % (len(src), src, stdin.encode("utf-8", "replace")))
         feed.close()
         cancelled = asyncio.ensure_future((cancel or asyncio.Event()).wait())
@@ -2078,8 +2078,7 @@ async def error_middleware(request: web.Request, handler: Callable) -> web.Strea
 
 
 def _require_admin(request: web.Request) -> None:
-    token = request.app[CONFIG].admin_token
-    given = request.headers.get("Authorization", "")
+    token, given = request.app[CONFIG].admin_token, request.headers.get("Authorization", "")
     if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
         raise PairError("unauthorized", "send 'Authorization: Bearer <admin token>'", 401)
 
@@ -2172,13 +2171,14 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         if old.name != name:
             _broadcast(room, _message("rename", clientId=client_id, name=name), skip=client)
     client.send(_message("init", **{**room.describe(), "clientId": client_id, "clients": [
-        {**c.describe(), "cursor": c.cursor} for c in room.clients.values()]}))
+        {**c.describe(), "cursor": c.cursor} for c in room.clients.values()],
+        "seq": room.seqs.get(client_id)}))  # the last of this client's updates applied, if any
     if old is None:
         _broadcast(room, _message("user_joined", **client.describe()), skip=client)
     log.info("%s %s room %s", client_id, "rejoined" if old else "joined", room.id)
     try:
         async for msg in ws:
-            if msg.type is WSMsgType.TEXT:
+            if msg.type is WSMsgType.TEXT and room.clients.get(client_id) is client:  # not replaced
                 _receive(request.app, room, client, msg.data)
             elif msg.type is WSMsgType.BINARY:
                 client.send(_message("error", code="bad_message", message="send text frames"))
@@ -2223,6 +2223,7 @@ def _on_code_update(room: Room, client: Client, msg: dict, app: web.Application)
     except Stale:
         client.send(_message("resync", version=room.version, code=room.text))
         return
+    room.seqs.put(client.id, seq, 100 + len(str(seq)))  # init tells it: was mine applied?
     update = {"type": "code_update", "version": room.version, "clientId": client.id,
               "changes": changes, **({} if seq is None else {"seq": seq})}
     plain, with_code = _frame(_dumps(update)), None

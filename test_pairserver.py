@@ -1474,7 +1474,8 @@ async def test_init_and_presence(server):
                     "code": "x = 1\n", "language": "python",
                     "execution": {"running": False, "clientId": None},
                     "createdAt": made.created_at, "updatedAt": made.updated_at,
-                    "clients": [{"clientId": "alice", "name": "Alice", "color": 0, "cursor": None}]}
+                    "clients": [{"clientId": "alice", "name": "Alice", "color": 0, "cursor": None}],
+                    "seq": None}  # none of alice's updates applied yet
     bob, init = await join(server, room, "bob")
     assert [c["clientId"] for c in init["clients"]] == ["alice", "bob"]
     assert init["clients"][1]["name"] == "bob"  # name defaults to the clientId
@@ -1588,11 +1589,12 @@ async def test_full_room_is_closed_with_4429_but_a_member_may_reconnect(aiohttp_
 async def test_second_connection_replaces_the_first_without_leave_or_join(server):
     room = await make_room(server)
     alice, _ = await join(server, room, "alice")
-    tab1, _ = await join(server, room, "bob")
+    tab1, first = await join(server, room, "bob")
     await next_of(alice, "user_joined")
-    await edit(tab1, 0, (0, 0, "sent before reload"))
+    await edit(tab1, 0, (0, 0, "sent before reload"), seq=7)
     await next_of(tab1, "code_update")
     tab2, init = await join(server, room, "bob")
+    assert first["seq"] is None and init["seq"] == 7  # the last of bob's updates applied: not to resend
     assert init["code"] == "sent before reload"
     msg = await tab1.receive(timeout=5)
     assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 4000
@@ -1974,9 +1976,11 @@ class Person:
         self.context, self.page, self.errors, self.sent = context, page, [], []
 
     @classmethod
-    async def open(cls, browser, server, room, name, url=None, **context_options):
+    async def open(cls, browser, server, room, name, url=None, ws_route=None, **context_options):
         context = await browser.new_context(**{"viewport": {"width": 1280, "height": 800}, **context_options})
         page = await context.new_page()
+        if ws_route:  # stands between the page's sockets and the server
+            await page.route_web_socket("**/ws/**", ws_route)
         person = cls(context, page)
         page.on("console", lambda m: m.type == "error" and person.errors.append(m.text))
         page.on("pageerror", lambda e: person.errors.append(str(e)))
@@ -2116,6 +2120,33 @@ async def test_page_typing_offline_survives_a_room_too_busy_to_rebase_it(aiohttp
         return texts == {"first\nalice 1\nalice 2\nlast (bob, offline)\n"}
     await eventually(merged, 20)
     assert alice.errors == bob.errors == []
+
+
+async def test_page_an_update_whose_echo_was_lost_is_not_sent_twice(server, chromium):
+    room = await make_room(server, "x = 1\n")
+    cut = asyncio.Event()
+
+    def line(ws):  # the network: once, the server has bob's update but the line goes before its echo
+        bob_id, upstream, gone = ws.url.split("?")[0].rsplit("/", 1)[1], ws.connect_to_server(), []
+
+        def to_page(message):
+            echo = json.loads(message)["type"] == "code_update" and bob_id in message
+            if echo and not cut.is_set():
+                cut.set()
+                gone.append(asyncio.ensure_future(asyncio.gather(ws.close(), upstream.close())))
+            elif not gone:
+                ws.send(message)
+        upstream.on_message(to_page)
+    bob = await Person.open(chromium, server, room, "Bob", ws_route=line)
+    await bob.caret_at(len("x = 1\n"))
+    await bob.page.keyboard.type("abc")
+    await cut.wait()
+
+    async def once():
+        texts = {await bob.text(), await room_text(server, room)}
+        return texts == {"x = 1\nabc"}
+    await eventually(once)  # the room applied it, init says so: it is not sent again
+    assert bob.errors == []
 
 
 async def test_page_autocomplete_inserts_the_chosen_name(server, chromium):
