@@ -2074,6 +2074,19 @@ async def test_page_typing_offline_is_sent_on_return(server, chromium):
     await eventually(merged, 20)
     assert (await alice.text()).startswith("# online\nnotes = []\n")
     assert (await alice.text()).count("typed offline") == 1  # sent once: not flushed, then rebased too
+    asked = []  # closing a tab with edits still waiting asks first; with none, it does not
+    for person in (alice, bob):
+        person.page.on("dialog", lambda d: asked.append(d.type) or asyncio.ensure_future(d.dismiss()))
+    await bob.context.set_offline(True)
+    await bob.page.locator("#status.offline").wait_for()
+    await bob.page.keyboard.type("# not sent yet\n")
+    for person in (alice, bob):
+        await person.page.close(run_before_unload=True)
+
+    async def closed_or_asked():
+        return alice.page.is_closed() and asked == ["beforeunload"]
+    await eventually(closed_or_asked)
+    assert not bob.page.is_closed() and "# not sent yet" in await bob.text()  # kept, as asked
     assert alice.errors == bob.errors == []
 
 
