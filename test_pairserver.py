@@ -2162,6 +2162,37 @@ async def test_page_an_update_whose_echo_was_lost_is_not_sent_twice(server, chro
     assert bob.errors == []
 
 
+async def test_page_edits_sent_for_rebasing_on_a_line_that_dies_again_are_kept(server, chromium):
+    room = await make_room(server, "x = 1\n")
+    lines, cuts = [], []
+
+    def line(ws):  # the network: cut once; then the update sent for rebasing never arrives
+        upstream, gone = ws.connect_to_server(), []
+
+        def to_server(message):
+            if len(cuts) == 1 and json.loads(message)["type"] == "code_update":
+                gone.append(cut(ws, upstream))
+            elif not gone:
+                upstream.send(message)
+        ws.on_message(to_server)
+        lines.append((ws, upstream, gone))
+
+    def cut(ws, upstream):
+        cuts.append(asyncio.ensure_future(asyncio.gather(ws.close(), upstream.close())))
+        return cuts[-1]
+    bob = await Person.open(chromium, server, room, "Bob", ws_route=line)
+    first, upstream, gone = lines[0]
+    gone.append(cut(first, upstream))
+    await bob.page.locator("#status.offline").wait_for()
+    await bob.caret_at(len("x = 1\n"))
+    await bob.page.keyboard.type("typed offline")
+
+    async def kept():
+        return len(cuts) == 2 and {await bob.text(), await room_text(server, room)} == {"x = 1\ntyped offline"}
+    await eventually(kept)  # the second init said the rebase was not applied: it was sent again, merged
+    assert bob.errors == []
+
+
 async def test_page_autocomplete_inserts_the_chosen_name(server, chromium):
     room = await make_room(server, "import os\ntemperature_celsius = 21\n")
     alice = await Person.open(chromium, server, room, "Alice")
