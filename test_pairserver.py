@@ -2150,6 +2150,7 @@ async def test_page_an_update_whose_echo_was_lost_is_not_sent_twice(server, chro
             elif not gone:
                 ws.send(message)
         upstream.on_message(to_page)
+        ws.on_message(lambda message: gone or upstream.send(message))  # the page's frames die too
     bob = await Person.open(chromium, server, room, "Bob", ws_route=line)
     await bob.caret_at(len("x = 1\n"))
     await bob.page.keyboard.type("abc")
