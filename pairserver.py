@@ -858,6 +858,8 @@ _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef,
            ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 _PAIRS = {"(": ")", "[": "]", "{": "}"}
 _CURSOR = "__cursor__"  #: the name put at the cursor, to find where it is in the tree
+_DEFINES = re.compile(r"(async\s+)?(def|class)\s+\w+\s*[(:\[]|@")  #: not prose: `class will`
+_TOP_DEFINITION = re.compile(r"^(?:%s)" % _DEFINES.pattern, re.MULTILINE)  #: at a line's start
 #: Builtins common enough to rank with a program's own names, the commonest first.
 _COMMON = {b: 6 + i / 20 for i, b in enumerate("""None str False True isinstance len int list dict
 bool ValueError property range super tuple type set TypeError getattr hasattr float bytes
@@ -925,8 +927,10 @@ def _suggest(code: str, cursor: int, language: str, modules: Callable[[str], dic
     parse = _parse_near(code, start, line0) if language == "python" else None
     *_, statement, name = [None, *parse.path()] if parse else [None, None]
     inside = isinstance(name, ast.Name) and not isinstance(statement, ast.Expr)  # an expression
+    above, below = _words(code, start, cursor)
+    words = [w for w in dict.fromkeys(above + below) if not keyword.iskeyword(w)]
     if language != "python":
-        found = [(w, "word", None, 0) for w in _words(code, start, cursor)]
+        found = [(w, "word", None, 0) for w in words]
     elif isinstance(name, ast.alias) and getattr(statement, "module", None) and not statement.level:
         found = [(n, k, d, 0) for n, (k, d) in modules(statement.module).items()]  # from m import |
     elif whole and (m := re.fullmatch(r"\s*(?:import|from)\s+([\w.]+)\.", before)):
@@ -936,16 +940,16 @@ def _suggest(code: str, cursor: int, language: str, modules: Callable[[str], dic
     elif (dot := re.search(r"([\w.]*|[)\]}'\"])\s*\.\s*\Z", before)) and \
             (owner := dot.group(1).lstrip("0123456789.")):  # after `owner.` (a number's is none)
         members = _attributes(parse, name, owner, modules)
-        found = members + [(w, "attribute", None, 1000 if members else 6)  # then what objects have
-                           for w in _words(code, start, cursor, after_dot=True)] \
+        after = dict.fromkeys(re.findall(r"\.[ \t]*([A-Za-z_]\w*)", code[:start] + code[cursor:]))
+        found = members + [(w, "attribute", None, 1000 if members else 6) for w in after] \
             + [(n, "method", None, 7) for n in _TYPE_METHODS if not members]
     else:
         found = _parameters(parse, statement, name) + _names(parse) \
             + [(b, "builtin", None, _COMMON.get(b, 8)) for b in _BUILTINS] \
             + [(d, "global", "every module has it", 7) for d in _DUNDERS] \
             + _keywords(before, whole and not inside, code, start) \
-            + [(w, "word", None, 12) for w in _words(code, start, cursor)]  # what no parse bound
-    return _rank(found, prefix, code, start, cursor), start
+            + [(w, "word", None, 12) for w in words]  # what no parse bound
+    return _rank(found, prefix, _nearness(above, below)), start
 
 
 #: Keywords after a complete expression, starting a statement (most used first), values.
@@ -999,9 +1003,8 @@ def _blocks_around(code: str, line_start: int, indent: int) -> tuple[list[str], 
     return heads, previous or ""
 
 
-def _rank(found: list[Suggestion], prefix: str, code: str, start: int, cursor: int) -> list[dict]:
+def _rank(found: list[Suggestion], prefix: str, near: dict[str, float]) -> list[dict]:
     """Best first, by match to the prefix, use near the cursor, then scope; 50, each once."""
-    near = _nearness(code, start, cursor)
     lower, ranked = prefix.lower(), []
     for label, kind, detail, scope in found:
         name = label.rstrip("=")
@@ -1024,26 +1027,26 @@ def _subsequence(needle: str, hay: str) -> bool:
     return all(c in it for c in needle)
 
 
-def _nearness(code: str, start: int, cursor: int) -> dict[str, float]:
-    """For each word used near the cursor, a score growing the nearer its nearest use (not the
-    one typed) and the more its uses; uses above the cursor count twice those below."""
+def _words(code: str, start: int, cursor: int) -> list[list[str]]:
+    """The words of code above the cursor (8,000 characters) and below it (4,000), not the one
+    typed. Above begins at a top-level definition if there is one: begun inside a docstring,
+    it would read the prose as code and the code as strings."""
+    top = _TOP_DEFINITION.search(code, max(0, start - 8000), start)
+    return [[w for w in _CODE_WORD.findall(code, i, j) if w] for i, j in
+            ((top.start() if top else max(0, start - 8000), start), (cursor, cursor + 4000))]
+
+
+def _nearness(above: list[str], below: list[str]) -> dict[str, float]:
+    """For each word, a score growing the nearer its nearest use above or below the cursor and
+    the more its uses; uses above count more than those below."""
     score: dict[str, float] = {}
-    above = [w for w in _CODE_WORD.findall(code, max(0, start - 3000), start) if w]
     for i, word in enumerate(reversed(above)):
         score.setdefault(word, 100 / (1 + i / 12))
-    for i, word in enumerate(w for w in _CODE_WORD.findall(code, cursor, cursor + 1000) if w):
+    for i, word in enumerate(below):
         score[word] = max(score.get(word, 0), 80 / (1 + i / 12))
-    around = _CODE_WORD.findall(code, max(0, start - 8000), cursor + 4000)
-    for word, n in collections.Counter(around).items():
-        score[word] = score.get(word, 0) + 10 * math.log2(n)  # and the more it is used
+    for word, n in collections.Counter(above + below).items():
+        score[word] += 10 * math.log2(n)  # and the more it is used
     return score
-
-
-def _words(code: str, start: int, cursor: int, after_dot: bool = False) -> list[str]:
-    """The words near the cursor but the one typed; after_dot: the names after a dot anywhere."""
-    found = re.findall(r"\.[ \t]*([A-Za-z_]\w*)", code[:start] + code[cursor:]) if after_dot \
-        else _CODE_WORD.findall(code[max(0, start - 8000):start] + " " + code[cursor:cursor + 4000])
-    return [w for w in dict.fromkeys(found) if w and not keyword.iskeyword(w)]
 
 
 # ---------------------------------------------------------------------------
@@ -1054,24 +1057,20 @@ def _parse_near(code: str, start: int, line0: int = 0) -> _Parse:
     """The text parsed block by block (see above), all but the cursor's from a cache (a keystroke
     changes one); blocks not reached in SUGGEST_PARSE_SECONDS left out."""
     lines, deadline = code.split("\n"), time.thread_time() + SUGGEST_PARSE_SECONDS
-    row, body, names = code.count("\n", 0, start), [], {}
+    row, names = code.count("\n", 0, start), {}
     blocks = list(zip(tops := _blocks(lines), tops[1:] + [len(lines)]))
     at = max(first for first, _ in blocks if first <= row)
     cursor_block, col = _parse_cursor_block(lines, at, row, dict(blocks)[at],
                                             start - (code.rfind("\n", 0, start) + 1), deadline)
-    for first, end in blocks:
+    for first, end in blocks:  # the names each block binds, in order: the last binding wins
         if first == at:
-            block = cursor_block
-            bound = _bindings(ast.Module(body=block, type_ignores=[]), line0 + at)
+            names.update(_bindings(ast.Module(body=cursor_block, type_ignores=[]), line0 + at))
         else:
-            block, bound = _parse_block(line0 + first, "\n".join(lines[first:end]), deadline)
-        body += block
-        names.update(bound)
+            names.update(_parse_block(line0 + first, "\n".join(lines[first:end]), deadline))
     tree = ast.Module(body=cursor_block, type_ignores=[])
     return _Parse(tree, row - at, col, {id(tree): names})
 
 
-_DEFINES = re.compile(r"(async\s+)?(def|class)\s+\w+\s*[(:\[]|@")  #: not prose: `class will`
 _CONTINUES = ("#", ")", "]", "}", "else", "elif", "except", "finally")  #: no block starts so
 
 
@@ -1109,19 +1108,17 @@ class _Memo:
 _PARSED = _Memo(PARSE_CACHE_BYTES)  # a pure memo, so shared by the apps of a process
 
 
-def _parse_block(first: int, text: str, deadline: float) -> tuple[list[ast.stmt], dict]:
-    """One top-level block's statements (from line `first`), mended line by line ([] if that
-    fails), and the names they bind; ([], {}) uncached once past the deadline."""
+def _parse_block(first: int, text: str, deadline: float) -> dict:
+    """The names one top-level block (from line `first`) binds, mended line by line (none if
+    that fails); {} uncached once past the deadline."""
     if (known := _PARSED.get((first, text))) is not None:
         return known
-    if time.thread_time() > deadline:
-        return [], {}
-    body, bad = _mend(text, -1, deadline)
+    body, bad = _mend(text, -1, deadline) if time.thread_time() <= deadline else (None, -2)
     if bad == -2:
-        return [], {}
-    parsed = body or [], _bindings(ast.Module(body=body or [], type_ignores=[]), first)
-    _PARSED.put((first, text), parsed, AST_BYTES_PER_CHAR * len(text) + 1000)
-    return parsed
+        return {}
+    bound = _bindings(ast.Module(body=body or [], type_ignores=[]), first)
+    _PARSED.put((first, text), bound, AST_BYTES_PER_CHAR * len(text) + 1000)
+    return bound
 
 
 def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: int,

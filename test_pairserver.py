@@ -846,6 +846,14 @@ def test_ranking_prefix_case_then_fuzzy_then_nearness():
     assert len(labels("|")) == 50
 
 
+def test_words_above_the_cursor_are_read_as_code_below_a_long_docstring():
+    # Words are read from 8,000 characters above the cursor, which here falls inside the docstring.
+    prose = '"""Notes.\n' + "rarely read rubric\n" * 600 + '"""\n'
+    code = prose + 'def setup():\n    """Ready."""\n    return ready_record\n\n\ndef f():\n    """Go."""\n    r|'
+    found = labels(code)
+    assert "ready_record" in found and not {"rarely", "rubric"} & set(found)
+
+
 def test_other_languages_get_the_words_of_the_text():
     found = complete("fn main() { let counter = 1; let count = 2; cou| }", "rust")
     assert found[:2] == [("count", "word"), ("counter", "word")]
