@@ -927,8 +927,7 @@ def _suggest(code: str, cursor: int, language: str, modules: Callable[[str], dic
     parse = _parse_near(code, start, line0) if language == "python" else None
     *_, statement, name = [None, *parse.path()] if parse else [None, None]
     inside = isinstance(name, ast.Name) and not isinstance(statement, ast.Expr)  # an expression
-    above, below = _words(code, start, cursor)
-    words = [w for w in dict.fromkeys(above + below) if not keyword.iskeyword(w)]
+    words, near = _nearby(code, start, cursor)
     if language != "python":
         found = [(w, "word", None, 0) for w in words]
     elif isinstance(name, ast.alias) and getattr(statement, "module", None) and not statement.level:
@@ -949,7 +948,7 @@ def _suggest(code: str, cursor: int, language: str, modules: Callable[[str], dic
             + [(d, "global", "every module has it", 7) for d in _DUNDERS] \
             + _keywords(before, whole and not inside, code, start) \
             + [(w, "word", None, 12) for w in words]  # what no parse bound
-    return _rank(found, prefix, _nearness(above, below)), start
+    return _rank(found, prefix, near), start
 
 
 #: Keywords after a complete expression, starting a statement (most used first), values.
@@ -962,22 +961,26 @@ _VALUES = ("None", "True", "False", "not", "lambda", "await", "yield")
 _GATED = set("elif else except finally return yield await break continue case".split())
 _AFTER = {"if": "elif else", "elif": "elif else", "try": "except finally", "for": "else",
           "except": "except else finally", "while": "else", "else": "finally"}
+_HEADER = re.compile(r"\s*((el)?if|else|for|while|try|except|finally|with|def|class|async|case)"
+                     r"\b.*:\s*\Z")  #: a compound statement's header: its body may follow
 
 
 def _keywords(before: str, whole: bool, code: str, start: int) -> list[Suggestion]:
     """Keywords the grammar allows: after an expression (first), at a statement's start, else."""
     prior = code[max(code.rfind("\n", 0, max(0, start - len(before) - 1)) + 1, start - 300):start]
     bare = re.sub(r"'[^']*'|\"[^\"]*\"|#.*", "", prior)  # brackets in strings do not count
-    opened = not before.strip() and sum(map(bare.count, "([{")) > sum(map(bare.count, ")]}"))
+    depth = sum(map(bare.count, "([{")) - sum(map(bare.count, ")]}"))
+    opened, body = not before.strip() and depth > 0, depth <= 0 and _HEADER.match(before)
     end = re.search(r"([\w.]+|[)\]}'\"])\s+(not\s+)?\Z", prior if opened else before)
     if end and (end[1].istitle() or not keyword.iskeyword(end[1])):  # `x i`, `x not i`, `None a`
         first = "import" if re.fullmatch(r"\s*from\s+[\w.]+\s+", before) else "as"
         order = (first, *_INFIX) if re.match(r"\s*(import|from|except|with)\b", before) else \
             ("is", "and", *_INFIX) if re.match(r"\s*(if|assert)\b", before) else _INFIX
         return [(k, "keyword", None, 100 * i - 10_000) for i, k in enumerate(dict.fromkeys(order))]
-    if not whole or before.strip():  # inside an expression
-        return [(k, "keyword", None, 5) for k in _VALUES]
-    heads, previous = _blocks_around(code, start - len(before), len(before))
+    if not whole or before.strip() and not body:  # inside an expression, not `if x: |`
+        yield_from = [("from", "keyword", None, -10_000)] * bool(re.search(r"\byield\s+\Z", before))
+        return yield_from + [(k, "keyword", None, 5) for k in _VALUES]  # stdlib `yield f`: 85% from
+    heads, previous = _blocks_around(code, start, len(before) - len(before.lstrip()) + bool(body))
     inner = next((h for h in heads if h in ("def", "class", "async")), "")
     loop = {"for", "while"} & set(heads[:heads.index(inner)] if inner else heads)
     must = ("except", "finally") if previous == "try" else ("case",) * (heads[:1] == ["match"])
@@ -987,9 +990,10 @@ def _keywords(before: str, whole: bool, code: str, start: int) -> list[Suggestio
             for i, k in enumerate(_STARTS) if k in may or k not in _GATED]
 
 
-def _blocks_around(code: str, line_start: int, indent: int) -> tuple[list[str], str]:
-    """First words of the blocks around a line at `indent` (innermost first), of the one before."""
-    heads, previous, end = [], None, line_start - 1
+def _blocks_around(code: str, end: int, indent: int) -> tuple[list[str], str]:
+    """First words of the blocks around a line at `indent` (innermost first), of the one before:
+    the lines up to `end` (this line's start, or a header's `:` for a body on its line)."""
+    heads, previous = [], None
     while end >= 0:
         begin = code.rfind("\n", 0, end) + 1
         line, end = code[begin:end].split("#")[0].rstrip(), begin - 1
@@ -1027,26 +1031,22 @@ def _subsequence(needle: str, hay: str) -> bool:
     return all(c in it for c in needle)
 
 
-def _words(code: str, start: int, cursor: int) -> list[list[str]]:
-    """The words of code above the cursor (8,000 characters) and below it (4,000), not the one
-    typed. Above begins at a top-level definition if there is one: begun inside a docstring,
-    it would read the prose as code and the code as strings."""
-    top = _TOP_DEFINITION.search(code, max(0, start - 8000), start)
-    return [[w for w in _CODE_WORD.findall(code, i, j) if w] for i, j in
-            ((top.start() if top else max(0, start - 8000), start), (cursor, cursor + 4000))]
-
-
-def _nearness(above: list[str], below: list[str]) -> dict[str, float]:
-    """For each word, a score growing the nearer its nearest use above or below the cursor and
-    the more its uses; uses above count more than those below."""
-    score: dict[str, float] = {}
+def _nearby(code: str, start: int, cursor: int) -> tuple[list[str], dict[str, float]]:
+    """The words of code near the cursor but keywords and the one typed, and for every word a
+    score growing the nearer its nearest use (above counts more than below) and the more its
+    uses. They are read 8,000 characters above, from a top-level definition if there is one
+    (begun inside a docstring, it would read prose as code and code as strings), 4,000 below."""
+    top, score = _TOP_DEFINITION.search(code, max(0, start - 8000), start), {}
+    lo = top.start() if top else max(0, start - 8000)
+    above, below = [[w for w in _CODE_WORD.findall(code, i, j) if w]
+                    for i, j in ((lo, start), (cursor, cursor + 4000))]
     for i, word in enumerate(reversed(above)):
         score.setdefault(word, 100 / (1 + i / 12))
     for i, word in enumerate(below):
         score[word] = max(score.get(word, 0), 80 / (1 + i / 12))
     for word, n in collections.Counter(above + below).items():
         score[word] += 10 * math.log2(n)  # and the more it is used
-    return score
+    return [w for w in score if not keyword.iskeyword(w)], score
 
 
 # ---------------------------------------------------------------------------

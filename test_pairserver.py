@@ -791,9 +791,12 @@ def test_keywords_where_the_grammar_allows_them():
     assert "continue" not in typed("for a in b:\n    def f():\n        co")
     assert "await" in typed("async def f():\n    aw") and "await" not in typed("def f():\n    aw")
     assert typed("match command:\n    c")[0] == "case" and "case" not in typed("c")
+    assert typed("def f(x):\n    if not x: r")[0] == "return" and typed("class E(Exception): pa")[0] == "pass"
+    assert "return" not in typed("x: r") + typed("if {1: r") + typed("class A: r")  # not a body
     # inside an expression: values, no statement keywords
     assert "return" not in typed("x = r") and typed("x = No")[0] == "None"
     assert "def" not in typed("print(d") and typed("if n")[0] == "not"
+    assert typed("def walk(frames):\n    yield fr")[0] == "from" and "from" not in typed("x = fr")
     assert "break" not in typed("total = (a,\n         b")  # a bracket left open on a line above
 
 
