@@ -33,6 +33,7 @@ import contextlib
 import errno
 import hmac
 import ipaddress
+import io
 import itertools
 import json
 import keyword
@@ -867,8 +868,9 @@ classmethod object print NotImplementedError Exception enumerate max staticmetho
 min sorted AttributeError any all map next OSError id repr sum iter RuntimeError open dir setattr
 IndexError vars callable reversed filter format StopIteration round""".split())}
 _BUILTINS, _DUNDERS = [b for b in dir(builtins) if b[0] != "_"], ("__name__", "__file__", "__doc__")
-#: What an object of unknown type most likely has: the methods of the common built-in types.
-_TYPE_METHODS = sorted({n for t in (str, bytes, list, dict, set) for n in dir(t) if n[0] != "_"})
+#: What an object of unknown type most likely has: what the commonest types have.
+_TYPE_METHODS = sorted({n for t in (str, bytes, list, dict, set, re.Match, re.Pattern,
+                                    io.TextIOWrapper, Path) for n in dir(t) if n[0] != "_"})
 
 
 @dataclass

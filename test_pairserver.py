@@ -675,6 +675,8 @@ def test_members_of_what_the_code_builds():
     assert car <= set(labels(later)[:5])
     assert labels(GARAGE + "car = Car(None)\ncar.engine.start(ge|")[0] == "gear="  # a method's
     assert "append" not in labels(GARAGE + "car = Car(None)\ncar.|")  # known: no guessing
+    unknown = labels("def load(found, fp):\n    found.gr|") + labels("def load(fp):\n    fp.readl|")
+    assert unknown[:1] == ["group"] and "readlines" in unknown  # unknown: what common types have
 
 
 async def test_members_of_literals_builtins_and_standard_library_classes(server):
