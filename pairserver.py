@@ -1010,7 +1010,8 @@ def _blocks_around(code: str, end: int, indent: int) -> tuple[list[str], str]:
 
 
 def _rank(found: list[Suggestion], prefix: str, near: dict[str, float]) -> list[dict]:
-    """Best first, by match to the prefix, use near the cursor, then scope; 50, each once."""
+    """Best first, by match to the prefix, use near the cursor and scope, then the shorter (the
+    more used, as a rule); 50, each once."""
     lower, ranked = prefix.lower(), []
     for label, kind, detail, scope in found:
         name = label.rstrip("=")
@@ -1020,7 +1021,7 @@ def _rank(found: list[Suggestion], prefix: str, near: dict[str, float]) -> list[
             else 2 if _subsequence(lower, name.lower()) else None  # case, then any case, fuzzy
         if match is not None:
             used = near.get(name, 0) / (3 if kind in ("word", "keyword") else 1)
-            ranked.append(((match, label[-1:] != "=", scope - used, label), label, kind, detail))
+            ranked.append(((match, name == label, scope - used, len(name)), label, kind, detail))
     best: dict[str, dict] = {}  # each label once, where it ranks best
     for _, label, kind, detail in sorted(ranked):
         shown = {"detail": detail[:100]} if detail else {}

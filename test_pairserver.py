@@ -849,6 +849,7 @@ def test_ranking_prefix_case_then_fuzzy_then_nearness():
     assert labels(code)[:2] == ["alpha_near", "alpha_far"]
     assert "unique_word_typed" not in labels("x = 1\nunique_word_typed|")  # found nowhere else
     assert len(labels("|")) == 50
+    assert labels("Sy|")[:4] == ["SystemExit", "SyntaxError", "SystemError", "SyntaxWarning"]  # shorter
 
 
 def test_words_above_the_cursor_are_read_as_code_below_a_long_docstring():
