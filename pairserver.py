@@ -1023,7 +1023,7 @@ def _rank(found: list[Suggestion], prefix: str, near: dict[str, float]) -> list[
             used = near.get(name, 0) / (3 if kind in ("word", "keyword") else 1)
             ranked.append(((match, name == label, scope - used, len(name)), label, kind, detail))
     best: dict[str, dict] = {}  # each label once, where it ranks best
-    for _, label, kind, detail in sorted(ranked):
+    for _, label, kind, detail in sorted(ranked, key=lambda r: r[:2]):  # a detail may be None
         shown = {"detail": detail[:100]} if detail else {}
         best.setdefault(label, {"label": label, "kind": kind, **shown})
     return list(best.values())[:50]

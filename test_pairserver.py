@@ -689,6 +689,8 @@ async def test_members_of_literals_builtins_and_standard_library_classes(server)
     code = "import threading\nclass Worker(threading.Thread):\n    def run(self):\n        self.sta|"
     assert (await suggested(server, code))[0] == "start"  # a standard-library base
     assert "close" in await suggested(server, "import io\nio.RawIOBase.cl|")  # a module's class
+    code = "import io, socket\nclass Conn(io.FileIO, socket.socket):\n    def f(self):\n        self.fil|"
+    assert "fileno" in await suggested(server, code)  # both bases have it, one's with no signature
 
 
 async def suggested(server, code: str) -> list[str]:
