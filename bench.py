@@ -2,7 +2,7 @@
 
     python bench.py collab [--rooms 50 --clients 6 --rate 5 --seconds 10] [--db sqlite --db postgres]
     python bench.py execute [--runs 50 --seconds 10]
-    python bench.py autocomplete [--files 25 --per-file 8 --seed 7]
+    python bench.py autocomplete [--files 25 --per-file 8 --seed 7 [--seed 11 ...]]
     python bench.py hostile
     python bench.py page
 
@@ -447,7 +447,8 @@ def autocomplete(args: argparse.Namespace) -> None:
         import jedi
     except ImportError:
         sys.exit("bench.py autocomplete compares with Jedi: pip install jedi")
-    cases = completion_cases(args.files, args.per_file, args.seed)
+    seeds = args.seed or [7]
+    cases = [case for seed in seeds for case in completion_cases(args.files, args.per_file, seed)]
     def jedi_labels(case):
         try:
             return [c.name for c in jedi.Script(case["code"], path=str(case["path"])).complete(
@@ -481,7 +482,7 @@ def autocomplete(args: argparse.Namespace) -> None:
     results = {"pairserver": asyncio.run(pairserver_rows()), "jedi": measure(jedi_labels)}
     kinds = sorted({c["kind"] for c in cases})
     print(f"autocomplete: {len(cases)} cases from {len({c['path'] for c in cases})} stdlib files "
-          f"(seed {args.seed})")
+          f"(seed {' '.join(map(str, seeds))})")
     print(f"{'kind':10} {'n':>4}  {'top-1':>13} {'top-5':>13} {'MRR':>13}   pairserver / jedi")
     for kind in kinds + ["all"]:
         row = []
@@ -720,7 +721,8 @@ def main() -> None:
     a = sub.add_parser("autocomplete", help="completion quality and latency against Jedi")
     a.add_argument("--files", type=int, default=25)
     a.add_argument("--per-file", type=int, default=8)
-    a.add_argument("--seed", type=int, default=7)
+    a.add_argument("--seed", type=int, action="append", help="which files and places (default 7); "
+                                                            "repeat to pool the cases of several")
     sub.add_parser("hostile", help="autocomplete's CPU time on texts made to be slow")
     g = sub.add_parser("page", help="key to the other person's screen, in real browsers")
     g.add_argument("--keys", type=int, default=20)
