@@ -36,7 +36,8 @@ the server, with no editor; and beside the textarea page this one replaced
 on a 20-line file.
 
 hostile: the CPU time of suggest() on 1 MB texts made to be slow (lines of
-brackets, dots, quotes, names, thousands of short lines, broken lines), at the
+brackets, dots, quotes, names, thousands of short lines, broken lines, a class
+of 600 methods whole and broken: what autocomplete parses whole), at the
 end and in the middle, the first time and again, beside the same on the
 standard library's typing.py; the target is 50 ms for any text.
 """
@@ -510,7 +511,8 @@ def hostile(args: argparse.Namespace) -> None:
              "triple quotes": "'''a" * (m // 4), "from import (": "from os import (" + "a,\n" * (m // 3),
              "spaces, dot": "a" + " " * (m - 2) + ".", "calls": "f(" * (m // 4),
              "defs": "def f():\n    pass\n" * (m // 18), "broken ifs": "if x\n" * (m // 5),
-             "comment": "#" * m}
+             "comment": "#" * m, "a class": "class C:\n" + "    def f(self, x):\n        return x\n\n" * 600,
+             "a class, broken": "class C:\n" + "    def f(self, x):\n        return x(\n\n" * 600}
 
     def cpu_ms(code: str, cursor: int) -> float:
         started = time.process_time()

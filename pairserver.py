@@ -1142,8 +1142,8 @@ def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: i
         for stop in (end, row + 1):  # then without the block's lines after the cursor
             text = "\n".join(lines[first:row] + [line] + lines[row + 1:stop])
             body, bad = _mend(text, row - first, deadline)
-            if body is not None:
-                return body, at
+            if body is not None or bad == -2:  # parsed, or out of time: other variants would be too
+                return body or [], at
             if bad <= row - first:  # the cursor's line itself: the lines after it are not to blame
                 break
     return [], 0
