@@ -2543,3 +2543,37 @@ def test_the_page_and_the_server_transform_alike():
         assert js["applied"] == apply(text, a)[0] and js["changes"] == op_to_changes(a)
         assert js["back"] == a
         assert js["composed"] == compose(a, js["bAfter"])              # and the same composing
+
+
+DIFF_CHECK = """
+const cases = JSON.parse(require("fs").readFileSync(0, "utf8"));
+console.log(JSON.stringify(cases.map(([old, now, mine]) => {
+  const op = diffOp(old, now);
+  return { applied: applyOp(old, op), mine: applyOp(now, transform(mine, op, true)) };
+})));
+"""
+
+
+@pytest.mark.skipif(not NODE, reason="node is not on PATH")
+def test_the_page_merges_edits_into_a_text_changed_meanwhile_line_by_line():
+    """What the page does with edits the room could not rebase (after a long time offline): the
+    text's changes since are found line by line, so a line the others left alone keeps the edit."""
+    page = (HERE / "static" / "index.html").read_text()
+    ops_js = page[page.index("const isStr"):page.index("// The page")]
+    rng = random.Random(5)
+    cases = [["a = 1\nb = 2\nc = 3\n", "a = 100\nb = 2\nc = 300\n", [11, "  # mine", 1]],
+             ["x\ny\n", "start\nx\nmiddle\ny\nend\n", [1, "!", 3]],  # lines added around
+             ["\n".join(f"a{i}" for i in range(600)), "\n".join(f"b{i}" for i in range(600)), [0]]]  # too many
+    for _ in range(300):  # random texts, lines of a few letters, the second made from the first
+        lines = ["".join(rng.choice("ab😀") for _ in range(rng.randint(0, 3))) for _ in range(rng.randint(0, 9))]
+        others = [line for line in lines if rng.random() < 0.7] + [rng.choice(["a", "new", ""])]
+        if rng.random() < 0.2:
+            rng.shuffle(others)
+        old, now = to_units("\n".join(lines)), to_units("\n".join(others))
+        cases.append([old, now, [len(old)]])
+    out = subprocess.run([NODE, "-e", ops_js + DIFF_CHECK], input=json.dumps(cases),
+                         capture_output=True, text=True, check=True).stdout
+    found = [{k: to_units(v) for k, v in case.items()} for case in json.loads(out)]
+    assert found[0]["mine"] == "a = 100\nb = 2  # mine\nc = 300\n"  # not on the line after
+    assert found[1]["mine"] == "start\nx!\nmiddle\ny\nend\n"
+    assert [f["applied"] for f in found] == [now for _, now, _ in cases]  # every diff is right
