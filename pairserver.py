@@ -1130,10 +1130,10 @@ def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: i
     rest of the line, then with open brackets closed, then just the name, then `pass`."""
     head, tail = lines[row][:col], re.sub(r"^\w*", "", lines[row][col:])
     closers = []  # a stack: the last opened (on this line or one above) is closed first
-    for ch in re.sub(r"'[^']*'|\"[^\"]*\"|#.*", "", "\n".join(lines[first:row] + [head])):
-        if ch in _PAIRS:
-            closers.append(_PAIRS[ch])
-        elif closers and ch == closers[-1]:
+    for c in re.findall(r"'[^']*'|\"[^\"]*\"|#.*|([][(){}])", "\n".join(lines[first:row] + [head])):
+        if c in _PAIRS:  # a bracket outside strings and comments (findall gives "" for those)
+            closers.append(_PAIRS[c])
+        elif closers and c == closers[-1]:
             closers.pop()
     indent = re.match(r"\s*", lines[row]).group()
     variants = [(head + _CURSOR + "".join(reversed(closers)), col),
