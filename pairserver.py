@@ -970,10 +970,10 @@ _HEADER = re.compile(r"\s*((el)?if|else|for|while|try|except|finally|with|def|cl
 def _keywords(before: str, whole: bool, code: str, start: int) -> list[Suggestion]:
     """Keywords the grammar allows: after an expression (first), at a statement's start, else."""
     prior = code[max(code.rfind("\n", 0, max(0, start - len(before) - 1)) + 1, start - 300):start]
-    bare = re.sub(r"'[^']*'|\"[^\"]*\"|#.*", "", prior)  # brackets in strings do not count
+    bare = re.sub(r"#.*|'[^']*'|\"[^\"]*\"", lambda m: "''" * (m[0][0] != "#"), prior)  # 'a' -> ''
     depth = sum(map(bare.count, "([{")) - sum(map(bare.count, ")]}"))
     opened, body = not before.strip() and depth > 0, depth <= 0 and _HEADER.match(before)
-    end = re.search(r"([\w.]+|[)\]}'\"])\s+(not\s+)?\Z", prior if opened else before)
+    end = re.search(r"([\w.]+|[)\]}'\"])\s+(not\s+)?\Z", bare if opened else before)
     if end and (end[1].istitle() or not keyword.iskeyword(end[1])):  # `x i`, `x not i`, `None a`
         first = "import" if re.fullmatch(r"\s*from\s+[\w.]+\s+", before) else "as"
         order = (first, *_INFIX) if re.match(r"\s*(import|from|except|with)\b", before) else \

@@ -802,6 +802,7 @@ def test_keywords_where_the_grammar_allows_them():
     assert "def" not in typed("print(d") and typed("if n")[0] == "not"
     assert typed("def walk(frames):\n    yield fr")[0] == "from" and "from" not in typed("x = fr")
     assert "break" not in typed("total = (a,\n         b")  # a bracket left open on a line above
+    assert typed("total = (a,  # the first\n         i")[0] != "in"  # a comment's word ends nothing
 
 
 def test_keyword_parameters_inside_a_call():
