@@ -1020,7 +1020,8 @@ def _rank(found: list[Suggestion], prefix: str, near: dict[str, float]) -> list[
         match = 0 if name.startswith(prefix) else 1 if name.lower().startswith(lower) \
             else 2 if _subsequence(lower, name.lower()) else None  # case, then any case, fuzzy
         if match is not None:
-            used = near.get(name, 0) / (3 if kind in ("word", "keyword") else 1)
+            used = max(near.get(name, 0), near.get(name.lstrip("_"), 0))  # `_x` is near if `x` is
+            used /= 3 if kind in ("word", "keyword") else 1
             ranked.append(((match, name == label, scope - used, len(name)), label, kind, detail))
     best: dict[str, dict] = {}  # each label once, where it ranks best
     for _, label, kind, detail in sorted(ranked, key=lambda r: r[:2]):  # a detail may be None
@@ -1174,16 +1175,13 @@ def _mend(text: str, keep: int, deadline: float) -> tuple[list[ast.stmt] | None,
 
 
 def _names(parse: _Parse) -> list[Suggestion]:
-    """Every name visible at the cursor, innermost scope first; a class body's only in itself."""
-    chain, found = parse.scopes(), []
-    for depth, scope in enumerate(reversed(chain)):
-        if isinstance(scope, ast.ClassDef) and depth:
-            continue
-        for name, (kind, detail, _) in parse.bound(scope).items():
-            if name != _CURSOR:  # in a class body, also what its methods set as self.name
-                found.append((name.removeprefix("self."), kind, detail,
-                              depth if depth < len(chain) - 1 else 5))
-    return found
+    """Every name visible at the cursor, innermost scope first, the module's ranked as 5; a class
+    body's only in itself, with what its methods set as self.name."""
+    chain = parse.scopes()
+    return [(name.removeprefix("self."), kind, detail, depth if depth < len(chain) - 1 else 5)
+            for depth, scope in enumerate(reversed(chain))
+            if depth == 0 or not isinstance(scope, ast.ClassDef)
+            for name, (kind, detail, _) in parse.bound(scope).items() if name != _CURSOR]
 
 
 def _bindings(scope: ast.AST, first: int = 0) -> dict[str, tuple[str, str | None, list]]:

@@ -853,6 +853,9 @@ def test_ranking_prefix_case_then_fuzzy_then_nearness():
     assert "unique_word_typed" not in labels("x = 1\nunique_word_typed|")  # found nowhere else
     assert len(labels("|")) == 50
     assert labels("Sy|")[:4] == ["SystemExit", "SyntaxError", "SystemError", "SyntaxWarning"]  # shorter
+    code = ("class Pool:\n    def __init__(self, size):\n        self._|\n"
+            "    def grow(self):\n        self._ready = self._total = 0\n        self._size = 1\n")
+    assert labels(code)[0] == "_size"  # `_size` is used where `size` is: self._size = size
 
 
 def test_words_above_the_cursor_are_read_as_code_below_a_long_docstring():
