@@ -852,9 +852,9 @@ PARSE_CACHE_BYTES, MODULE_CACHE_BYTES, AST_BYTES_PER_CHAR = 48 << 20, 16 << 20, 
 LEARN_TIMEOUT = 5.0
 
 Suggestion = tuple  # (label, kind, detail, scope): scope 0 is the innermost
-#: The words of code, not of its comments and strings: findall() gives "" for those.
+#: Code's words, each with the dot before it if any; findall() gives ("", "") for comments, strings.
 _CODE_WORD = re.compile(r"#.*|'''[\s\S]*?'''|" r'"""[\s\S]*?"""'
-                        r"""|'[^'\n]*'|"[^"\n]*"|([A-Za-z_]\w*)""")
+                        r"""|'[^'\n]*'|"[^"\n]*"|(\.?)([A-Za-z_]\w*)""")
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef,
            ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 _PAIRS = {"(": ")", "[": "]", "{": "}"}
@@ -944,12 +944,12 @@ def _suggest(code: str, cursor: int, language: str, modules: Callable[[str], dic
         after = dict.fromkeys(re.findall(r"\.[ \t]*([A-Za-z_]\w*)", code[:start] + code[cursor:]))
         found = members + [(w, "attribute", None, 1000 if members else 6) for w in after] \
             + [(n, "method", None, 7) for n in _TYPE_METHODS if not members]
-    else:
+    else:  # the text's words last (what no parse bound), those only seen after a dot after all
         found = _parameters(parse, statement, name) + _names(parse) \
             + [(b, "builtin", None, _COMMON.get(b, 8)) for b in _BUILTINS] \
             + [(d, "global", "every module has it", 7) for d in _DUNDERS] \
             + _keywords(before, whole and not inside, code, start) \
-            + [(w, "word", None, 12) for w in words]  # what no parse bound
+            + [(w, "word", None, 12 if plain else 40) for w, plain in words.items()]
     return _rank(found, prefix, near), start
 
 
@@ -1035,22 +1035,24 @@ def _subsequence(needle: str, hay: str) -> bool:
     return all(c in it for c in needle)
 
 
-def _nearby(code: str, start: int, cursor: int) -> tuple[list[str], dict[str, float]]:
-    """The words of code near the cursor but keywords and the one typed, and for every word a
-    score growing the nearer its nearest use (above counts more than below) and the more its
-    uses. They are read 8,000 characters above, from a top-level definition if there is one
-    (begun inside a docstring, it would read prose as code and code as strings), 4,000 below."""
+def _nearby(code: str, start: int, cursor: int) -> tuple[dict[str, bool], dict[str, float]]:
+    """The words of code near the cursor but keywords and the one typed, each with whether it is
+    ever used without a dot before it, and a score for every word growing the nearer its nearest
+    use (above counts more) and the more its uses. Read from 8,000 characters above (from a
+    top-level definition if any: begun in a docstring, prose would read as code) to 4,000 below."""
     top, score = _TOP_DEFINITION.search(code, max(0, start - 8000), start), {}
     lo = top.start() if top else max(0, start - 8000)
-    above, below = [[w for w in _CODE_WORD.findall(code, i, j) if w]
+    above, below = [_CODE_WORD.findall(code, i, j)
                     for i, j in ((lo, start), (cursor, cursor + 4000))]
+    plain = {w for dot, w in above + below if not dot}
+    above, below = [[w for _, w in part if w] for part in (above, below)]
     for i, word in enumerate(reversed(above)):
         score.setdefault(word, 100 / (1 + i / 12))
     for i, word in enumerate(below):
         score[word] = max(score.get(word, 0), 80 / (1 + i / 12))
     for word, n in collections.Counter(above + below).items():
         score[word] += 10 * math.log2(n)  # and the more it is used
-    return [w for w in score if not keyword.iskeyword(w)], score
+    return {w: w in plain for w in score if not keyword.iskeyword(w)}, score
 
 
 # ---------------------------------------------------------------------------

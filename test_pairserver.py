@@ -856,6 +856,8 @@ def test_ranking_prefix_case_then_fuzzy_then_nearness():
     code = ("class Pool:\n    def __init__(self, size):\n        self._|\n"
             "    def grow(self):\n        self._ready = self._total = 0\n        self._size = 1\n")
     assert labels(code)[0] == "_size"  # `_size` is used where `size` is: self._size = size
+    code = "def load(stream):\n    text = stream.getvalue()\n    return g|"  # getvalue: only after a dot
+    assert labels(code)[:3] == ["getattr", "globals", "getvalue"]
 
 
 def test_words_above_the_cursor_are_read_as_code_below_a_long_docstring():
