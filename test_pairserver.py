@@ -2157,6 +2157,33 @@ async def test_page_typing_offline_survives_a_room_too_busy_to_rebase_it(aiohttp
     assert alice.errors == bob.errors == []
 
 
+async def test_page_typing_offline_stays_on_its_line_when_others_changed_the_lines_around(
+        aiohttp_client, chromium):
+    server = await aiohttp_client(create_app(history=3, heartbeat=0))  # 3 updates kept: then resync
+    room = await make_room(server, "first\nmiddle\nlast\n")
+    alice, bob = [await Person.open(chromium, server, room, name) for name in ("Alice", "Bob")]
+    bob_id = await bob.page.evaluate("pairserver.S.clientId")
+    await bob.context.set_offline(True)
+    if (gone := server.app[ROOMS].get(room).clients.get(bob_id)) is not None:
+        gone.transport.abort()
+    await bob.page.locator("#status.offline").wait_for()
+    await bob.caret_at(len("first\nmiddle"))
+    await bob.page.keyboard.type(" (bob)")
+    for end, typed in ((len("first"), " 1"), (len("first 1\nmiddle\nlast"), " 3")):  # above and below
+        await alice.caret_at(end)
+        await alice.page.keyboard.type(typed, delay=20)
+    await eventually(lambda: room_text_is(server, room, "first 1\nmiddle\nlast 3\n"))
+    assert server.app[ROOMS].get(room).version > 3  # more updates than the room keeps
+    await bob.context.set_offline(False)
+    await bob.page.locator("#notice", has_text="merged").wait_for(timeout=5000)
+
+    async def merged():  # bob's words on bob's line, not at the edge of all that changed
+        texts = {await alice.text(), await bob.text(), await room_text(server, room)}
+        return texts == {"first 1\nmiddle (bob)\nlast 3\n"}
+    await eventually(merged, 20)
+    assert alice.errors == bob.errors == []
+
+
 async def test_page_an_update_whose_echo_was_lost_is_not_sent_twice(server, chromium):
     room = await make_room(server, "x = 1\n")
     cut = asyncio.Event()
