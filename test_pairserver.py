@@ -2129,59 +2129,52 @@ async def test_page_an_edit_the_server_refuses_leaves_the_page_in_step(aiohttp_c
     assert alice.errors == bob.errors == []
 
 
-async def test_page_typing_offline_survives_a_room_too_busy_to_rebase_it(aiohttp_client, chromium):
-    server = await aiohttp_client(create_app(history=3, heartbeat=0))  # 3 updates kept: then resync
-    room = await make_room(server, "first\nlast\n")
+async def bob_offline(aiohttp_client, chromium, code):
+    """A room that keeps only 3 updates (then resync), with Alice in it and Bob's page cut off."""
+    server = await aiohttp_client(create_app(history=3, heartbeat=0))
+    room = await make_room(server, code)
     alice, bob = [await Person.open(chromium, server, room, name) for name in ("Alice", "Bob")]
     bob_id = await bob.page.evaluate("pairserver.S.clientId")
     await bob.context.set_offline(True)
     if (gone := server.app[ROOMS].get(room).clients.get(bob_id)) is not None:
         gone.transport.abort()
     await bob.page.locator("#status.offline").wait_for()
-    await bob.caret_at(len("first\nlast"))
-    await bob.page.keyboard.type(" (bob, offline)")
-    await alice.caret_at(len("first\n"))
-    await alice.page.keyboard.type("alice 1\nalice 2\n", delay=20)  # more updates than the room keeps
+    return server, room, alice, bob
 
-    async def typed():
-        return await room_text(server, room) == "first\nalice 1\nalice 2\nlast\n"
-    await eventually(typed)
-    assert server.app[ROOMS].get(room).version > 3
+
+async def bob_back_and_merged(server, room, alice, bob, want):
+    """Bob's page back online merges what he typed itself: everyone ends with `want`."""
+    assert server.app[ROOMS].get(room).version > 3  # more updates than the room keeps
     await bob.context.set_offline(False)
     await bob.page.locator("#notice", has_text="merged").wait_for(timeout=5000)
 
     async def merged():
-        texts = {await alice.text(), await bob.text(), await room_text(server, room)}
-        return texts == {"first\nalice 1\nalice 2\nlast (bob, offline)\n"}
+        return {await alice.text(), await bob.text(), await room_text(server, room)} == {want}
     await eventually(merged, 20)
     assert alice.errors == bob.errors == []
 
 
+async def test_page_typing_offline_survives_a_room_too_busy_to_rebase_it(aiohttp_client, chromium):
+    server, room, alice, bob = await bob_offline(aiohttp_client, chromium, "first\nlast\n")
+    await bob.caret_at(len("first\nlast"))
+    await bob.page.keyboard.type(" (bob, offline)")
+    await alice.caret_at(len("first\n"))
+    await alice.page.keyboard.type("alice 1\nalice 2\n", delay=20)  # more updates than the room keeps
+    await eventually(lambda: room_text_is(server, room, "first\nalice 1\nalice 2\nlast\n"))
+    await bob_back_and_merged(server, room, alice, bob, "first\nalice 1\nalice 2\nlast (bob, offline)\n")
+
+
 async def test_page_typing_offline_stays_on_its_line_when_others_changed_the_lines_around(
         aiohttp_client, chromium):
-    server = await aiohttp_client(create_app(history=3, heartbeat=0))  # 3 updates kept: then resync
-    room = await make_room(server, "first\nmiddle\nlast\n")
-    alice, bob = [await Person.open(chromium, server, room, name) for name in ("Alice", "Bob")]
-    bob_id = await bob.page.evaluate("pairserver.S.clientId")
-    await bob.context.set_offline(True)
-    if (gone := server.app[ROOMS].get(room).clients.get(bob_id)) is not None:
-        gone.transport.abort()
-    await bob.page.locator("#status.offline").wait_for()
+    server, room, alice, bob = await bob_offline(aiohttp_client, chromium, "first\nmiddle\nlast\n")
     await bob.caret_at(len("first\nmiddle"))
     await bob.page.keyboard.type(" (bob)")
     for end, typed in ((len("first"), " 1"), (len("first 1\nmiddle\nlast"), " 3")):  # above and below
         await alice.caret_at(end)
         await alice.page.keyboard.type(typed, delay=20)
     await eventually(lambda: room_text_is(server, room, "first 1\nmiddle\nlast 3\n"))
-    assert server.app[ROOMS].get(room).version > 3  # more updates than the room keeps
-    await bob.context.set_offline(False)
-    await bob.page.locator("#notice", has_text="merged").wait_for(timeout=5000)
-
-    async def merged():  # bob's words on bob's line, not at the edge of all that changed
-        texts = {await alice.text(), await bob.text(), await room_text(server, room)}
-        return texts == {"first 1\nmiddle (bob)\nlast 3\n"}
-    await eventually(merged, 20)
-    assert alice.errors == bob.errors == []
+    # bob's words on bob's line, not at the edge of all that changed (as a one-change diff put them)
+    await bob_back_and_merged(server, room, alice, bob, "first 1\nmiddle (bob)\nlast 3\n")
 
 
 async def test_page_an_update_whose_echo_was_lost_is_not_sent_twice(server, chromium):
