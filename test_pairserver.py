@@ -2327,12 +2327,12 @@ async def test_page_undo_takes_back_only_your_own_edits(server, chromium):
     alice, bob = [await Person.open(chromium, server, room, name) for name in ("Alice", "Bob")]
     await alice.caret_at(len("a = 1"))
     await alice.page.keyboard.type(" + 10")
-    await eventually(lambda: room_text_is(server, room, "a = 1 + 10\nb = 2\n"))
-    await bob.caret_at(len("a = 1 + 10\nb = 2"))
-    await bob.page.keyboard.type(" * 3")
 
     async def everyone_has(text):
         return {await alice.text(), await bob.text(), await room_text(server, room)} == {text}
+    await eventually(lambda: everyone_has("a = 1 + 10\nb = 2\n"))  # Bob's page too, before his caret
+    await bob.caret_at(len("a = 1 + 10\nb = 2"))
+    await bob.page.keyboard.type(" * 3")
     await eventually(lambda: everyone_has("a = 1 + 10\nb = 2 * 3\n"))
     await alice.page.keyboard.press("Control+z")  # Alice's edit goes, Bob's stays
     await eventually(lambda: everyone_has("a = 1\nb = 2 * 3\n"))
