@@ -852,14 +852,16 @@ PARSE_CACHE_BYTES, MODULE_CACHE_BYTES, AST_BYTES_PER_CHAR = 48 << 20, 16 << 20, 
 LEARN_TIMEOUT = 5.0
 
 Suggestion = tuple  # (label, kind, detail, scope): scope 0 is the innermost
+#: Comments and strings: a triple-quoted one whole, others within their line, `\'` in them.
+_NOT_CODE = r"#.*|'''[\s\S]*?'''|" r'"""[\s\S]*?"""|' r"'(?:\\.|[^\\'\n])*'|" r'"(?:\\.|[^\\"\n])*"'
 #: Code's words, each with the dot before it if any; findall() gives ("", "") for comments, strings.
-_CODE_WORD = re.compile(r"#.*|'''[\s\S]*?'''|" r'"""[\s\S]*?"""'
-                        r"""|'[^'\n]*'|"[^"\n]*"|(\.?)([A-Za-z_]\w*)""")
+_CODE_WORD = re.compile(r"(?:%s)|(\.?)([A-Za-z_]\w*)" % _NOT_CODE)
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef,
            ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 _PAIRS = {"(": ")", "[": "]", "{": "}"}
 _CURSOR = "__cursor__"  #: the name put at the cursor, to find where it is in the tree
 _DEFINES = re.compile(r"(async\s+)?(def|class)\s+\w+\s*[(:\[]|@")  #: not prose: `class will`
+_DEFINITION = re.compile(r"^[ \t]*(?:%s)" % _DEFINES.pattern, re.MULTILINE)
 _TOP_DEFINITION = re.compile(r"^(?:%s)" % _DEFINES.pattern, re.MULTILINE)  #: at a line's start
 #: Builtins common enough to rank with a program's own names, the commonest first.
 _COMMON = {b: 6 + i / 20 for i, b in enumerate("""None str False True isinstance len int list dict
@@ -867,7 +869,8 @@ bool ValueError property range super tuple type set TypeError getattr hasattr fl
 classmethod object print NotImplementedError Exception enumerate max staticmethod KeyError zip abs
 min sorted AttributeError any all map next OSError id repr sum iter RuntimeError open dir setattr
 IndexError vars callable reversed filter format StopIteration round""".split())}
-_BUILTINS, _DUNDERS = [b for b in dir(builtins) if b[0] != "_"], ("__name__", "__file__", "__doc__")
+_BUILTINS = [b for b in dir(builtins) if b[0] != "_"]
+_DUNDERS = ("__name__", "__file__", "__doc__", "__all__")  #: a module's globals
 #: What an object of unknown type most likely has: what the commonest types have.
 _TYPE_METHODS = sorted({n for t in (str, bytes, list, dict, set, re.Match, re.Pattern,
                                     io.TextIOWrapper, Path) for n in dir(t) if n[0] != "_"})
@@ -891,8 +894,8 @@ class _Parse:
                         <= at <= (child.end_lineno - 1, child.end_col_offset):
                     chain.append(node := child)
                     break
-            else:
-                return chain
+            else:  # a keyword argument's value held as its call's
+                return [n for n in chain if not isinstance(n, ast.keyword)]
 
     def scopes(self) -> list[ast.AST]:
         """The scopes that hold the cursor, outermost first, the module included."""
@@ -910,11 +913,14 @@ def suggest(code: str, cursor: int, language: str = "python",
     """The SPEC's autocomplete answer at a cursor (str indexes), reading only the lines within
     SUGGEST_BEFORE and SUGGEST_AFTER of it; `modules(name)` gives a module's names (ModuleNames)."""
     lo = max(0, cursor - SUGGEST_BEFORE[0])
-    lo = (code.find("\n", lo, cursor) + 1 or lo) if lo else 0
     lo = cursor - len("\n".join(code[lo:cursor].split("\n")[-SUGGEST_BEFORE[1]:]))
+    top = lo and _TOP_DEFINITION.search(code, lo, cursor)  # not in a string or a class's middle
+    lo = top.start() if top else (code.find("\n", lo, cursor) + 1 or lo) if lo else 0
     hi = cursor + SUGGEST_AFTER[0]
     hi = max(code.rfind("\n", cursor, hi), cursor) if hi < len(code) else len(code)
     hi = cursor + len("\n".join(code[cursor:hi].split("\n")[:SUGGEST_AFTER[1]]))
+    ends = [m.start() for m in _DEFINITION.finditer(code, cursor, hi)] if hi < len(code) else []
+    hi = ends[-1] if ends else hi  # before a definition, not in a statement's middle
     answer = _suggest(code[lo:hi], cursor - lo, language, modules, code.count("\n", 0, lo))
     return {"suggestions": answer[0], "from": answer[1] + lo, "to": cursor}
 
@@ -947,7 +953,7 @@ def _suggest(code: str, cursor: int, language: str, modules: Callable[[str], dic
     else:  # the text's words last (what no parse bound), those only seen after a dot after all
         found = _parameters(parse, statement, name) + _names(parse) \
             + [(b, "builtin", None, _COMMON.get(b, 8)) for b in _BUILTINS] \
-            + [(d, "global", "every module has it", 7) for d in _DUNDERS] \
+            + [(d, "global", "a module's", 7) for d in _DUNDERS] \
             + _keywords(before, whole and not inside, code, start) \
             + [(w, "word", None, 12 if plain else 40) for w, plain in words.items()]
     return _rank(found, prefix, near), start
@@ -970,7 +976,7 @@ _HEADER = re.compile(r"\s*((el)?if|else|for|while|try|except|finally|with|def|cl
 def _keywords(before: str, whole: bool, code: str, start: int) -> list[Suggestion]:
     """Keywords the grammar allows: after an expression (first), at a statement's start, else."""
     prior = code[max(code.rfind("\n", 0, max(0, start - len(before) - 1)) + 1, start - 300):start]
-    bare = re.sub(r"#.*|'[^']*'|\"[^\"]*\"", lambda m: "''" * (m[0][0] != "#"), prior)  # 'a' -> ''
+    bare = re.sub(_NOT_CODE, lambda m: "''" * (m[0][0] != "#"), prior)  # 'a' -> ''
     depth = sum(map(bare.count, "([{")) - sum(map(bare.count, ")]}"))
     opened, body = not before.strip() and depth > 0, depth <= 0 and _HEADER.match(before)
     end = re.search(r"([\w.]+|[)\]}'\"])\s+(not\s+)?\Z", bare if opened else before)
@@ -1068,12 +1074,10 @@ def _parse_near(code: str, start: int, line0: int = 0) -> _Parse:
     at = max(first for first, _ in blocks if first <= row)
     cursor_block, col = _parse_cursor_block(lines, at, row, dict(blocks)[at],
                                             start - (code.rfind("\n", 0, start) + 1), deadline)
-    for first, end in blocks:  # the names each block binds, in order: the last binding wins
-        if first == at:
-            names.update(_bindings(ast.Module(body=cursor_block, type_ignores=[]), line0 + at))
-        else:
-            names.update(_parse_block(line0 + first, "\n".join(lines[first:end]), deadline))
     tree = ast.Module(body=cursor_block, type_ignores=[])
+    for first, end in blocks:  # the names each block binds, in order: the last binding wins
+        names.update(_bindings(tree, line0 + at) if first == at else
+                     _parse_block(line0 + first, "\n".join(lines[first:end]), deadline))
     return _Parse(tree, row - at, col, {id(tree): names})
 
 
@@ -1081,14 +1085,16 @@ _CONTINUES = ("#", ")", "]", "}", "else", "elif", "except", "finally")  #: no bl
 
 
 def _blocks(lines: list[str]) -> list[int]:
-    """Where the top-level blocks start: each definition one, the lines between at most 200."""
-    starts = [0]
+    """Where the top-level blocks start: each definition one (not in a triple-quoted string: a
+    docstring's text at column 0), the lines between at most 200."""
+    starts, quoted = [0], False
     for i, line in enumerate(lines):
         top = i and line[:1].strip() and not line.startswith(_CONTINUES) \
             and not lines[i - 1].startswith("@")  # at column 0, and not a decorated definition
-        if top and (_DEFINES.match(line) or _DEFINES.match(lines[starts[-1]])
+        if top and (not quoted and (_DEFINES.match(line) or _DEFINES.match(lines[starts[-1]]))
                     or i - starts[-1] > 200):  # a definition begins or ends, or the lines grow many
             starts.append(i)
+        quoted ^= (line.count('"""') + line.count("'''")) % 2 == 1
     return starts
 
 
@@ -1133,13 +1139,14 @@ def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: i
     rest of the line, then with open brackets closed, then just the name, then `pass`."""
     head, tail = lines[row][:col], re.sub(r"^\w*", "", lines[row][col:])
     closers = []  # a stack: the last opened (on this line or one above) is closed first
-    for c in re.findall(r"'[^']*'|\"[^\"]*\"|#.*|([][(){}])", "\n".join(lines[first:row] + [head])):
+    for c in re.findall(r"(?:%s)|([][(){}])" % _NOT_CODE, "\n".join(lines[first:row] + [head])):
         if c in _PAIRS:  # a bracket outside strings and comments (findall gives "" for those)
             closers.append(_PAIRS[c])
         elif closers and c == closers[-1]:
             closers.pop()
     indent = re.match(r"\s*", lines[row]).group()
-    variants = [(head + _CURSOR + "".join(reversed(closers)), col),
+    close = "".join(reversed(closers))  # then `**` for `f(a=1, |`: a positional would not parse
+    variants = [(head + _CURSOR + close, col), (head + "**" + _CURSOR + close, col + 2),
                 (indent + _CURSOR, len(indent)), (indent + "pass", len(indent))]
     for line, at in [(head + _CURSOR + tail, col)] * bool(tail.strip()) + variants:
         for stop in (end, row + 1):  # then without the block's lines after the cursor
@@ -1203,10 +1210,7 @@ def _bindings(scope: ast.AST, first: int = 0) -> dict[str, tuple[str, str | None
         for target, given in _targets(node) if isinstance(node, _ASSIGNS) else ():
             if isinstance(target, ast.Attribute) and getattr(target.value, "id", 0) == "self":
                 bind(f"self.{target.attr}", "attribute", f"self.{target.attr}", *given)
-    if isinstance(scope, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
-        todo = [g.target for g in scope.generators]
-    else:
-        todo = list(ast.iter_child_nodes(scope))
+    todo = [g.target for g in getattr(scope, "generators", ())] or list(ast.iter_child_nodes(scope))
     while todo:
         node = todo.pop()
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -1245,15 +1249,16 @@ def _parameters(parse: _Parse, call: ast.AST, name: ast.AST) -> list[Suggestion]
         known = {*parse.bound(name), *parse.bound(parse.tree), *dir(builtins)}
         return [(n.id, "param", None, -1000) for n in ast.walk(name)
                 if isinstance(n, ast.Name) and n.id not in known]
-    call = call if isinstance(call, ast.Call) and name in call.args else None
+    given = [*call.args, *(k.value for k in call.keywords if not k.arg)] \
+        if isinstance(call, ast.Call) else []  # f(a, |) or f(a=1, **|)
+    call = call if name in given else None
     node = call and _made_of(parse, call.func, set())
     if isinstance(node, ast.ClassDef):  # its __init__'s
         node = parse.bound(node).get("__init__", (0, 0, [None]))[2][0]
     if not isinstance(node, _DEFS[:2]):
         return []
-    named = [*node.args.args[len(node.args.posonlyargs):], *node.args.kwonlyargs]
-    return [(f"{a.arg}=", "param", f"param of {node.name}", 0) for a in named
-            if a.arg not in ("self", "cls")]
+    return [(f"{a.arg}=", "param", f"param of {node.name}", 0)  # not the positional-only
+            for a in [*node.args.args, *node.args.kwonlyargs] if a.arg not in ("self", "cls")]
 
 
 def _attributes(parse: _Parse, dot: ast.AST, owner: str, modules: Callable) -> list[Suggestion]:
@@ -1886,10 +1891,8 @@ async def guard_middleware(request: web.Request, handler: Callable) -> web.Strea
 def _origin_allowed(request: web.Request) -> bool:
     """No Origin (a script), the server's own pages, or a --cors-origin's."""
     origin, allowed = request.headers.get("Origin"), request.app[CONFIG].cors_origin
-    listed = "*" in allowed or origin in allowed
-    if origin is None or listed:
-        return True
-    return urlsplit(origin).netloc.lower() == request.headers.get("Host", "").lower()  # our own
+    return origin is None or "*" in allowed or origin in allowed \
+        or urlsplit(origin).netloc.lower() == request.headers.get("Host", "").lower()  # our own
 
 
 def _require_isolation(app: web.Application) -> None:
@@ -1963,10 +1966,7 @@ def _once_per_episode(previous: Callable | None) -> Callable:
                           "some close; said once until a minute passes without it", e)
             last[0] = time.monotonic()
             return
-        if previous:
-            previous(loop, context)
-        else:
-            loop.default_exception_handler(context)
+        (previous or type(loop).default_exception_handler)(loop, context)  # else as before
 
     return handler
 
@@ -2212,12 +2212,10 @@ def _receive(app: web.Application, room: Room, client: Client, data: str) -> Non
 
 def _on_code_update(room: Room, client: Client, msg: dict, app: web.Application) -> None:
     seq = _field(msg, "seq", (int, str), None, code="bad_message")
-    if "changes" in msg:
-        version = _field(msg, "version", int, code="bad_version")
-        args = (version, _field(msg, "changes", list, code="bad_change"))
-    else:
-        version = _field(msg, "version", int, None, code="bad_version")
-        args = (version, None, _field(msg, "code", str, code="bad_change"))
+    listed = "changes" in msg  # else a whole text, whose version may be left out
+    version = _field(msg, "version", int, _REQUIRED if listed else None, code="bad_version")
+    args = (version, _field(msg, "changes", list, code="bad_change")) if listed \
+        else (version, None, _field(msg, "code", str, code="bad_change"))
     try:
         changes = room.apply_update(*args)
     except Stale:

@@ -810,6 +810,11 @@ def test_keyword_parameters_inside_a_call():
     assert labels(code)[:3] == ["timeout=", "port=", "host="]
     code = "class Server:\n    def __init__(self, host, debug=False):\n        pass\nServer(de|"
     assert labels(code)[0] == "debug="
+    code = "def connect(host, /, port=80, *, timeout=None):\n    pass\ndef main(tries):\n    "
+    assert labels(code + "connect('x', |")[:2] == ["timeout=", "port="]  # host is positional-only
+    # after a keyword argument a name alone would not parse: the call is read all the same
+    assert labels(code + "connect('x', port=1, t|")[:2] == ["timeout=", "tries"]
+    assert labels(code + "options = {'a': 1, tr|")[0] == "tries"  # in a dict's keys, likewise
 
 
 def test_a_parameter_being_named_is_a_name_the_body_uses_that_nothing_binds():
@@ -824,6 +829,7 @@ def test_a_parameter_being_named_is_a_name_the_body_uses_that_nothing_binds():
     ("value = 3\nif value > 2\n    result = 1\nres|", "result"),             # if without its colon
     ("text = '''never closed\nname = 1\ndef g(param):\n    return pa|", "param"),  # unterminated string
     ("def broken(:\n    pass\nanswer = 42\nans|", "answer"),                # a bad line elsewhere
+    ("def go(*, timeout=None):\n    delims = ' \\'(['\n    go(t|", "timeout="),  # \' in a string
 ])
 def test_broken_code_still_gets_the_names_at_the_cursor(code, want):
     assert labels(code)[0] == want
@@ -833,6 +839,8 @@ def test_prose_in_a_docstring_is_not_taken_for_a_definition():
     prose = "".join(f"and so on, page {i}\n" for i in range(12))  # more lines than _mend mends
     code = f'"""Servers.\n\nclass will be deaf while a request waits\n{prose}"""\nLIMIT = 3\n'
     assert complete(code + "\n\ndef f():\n    return LIM|")[0] == ("LIMIT", "global")
+    code = 'def main(argv):\n    """Usage:\ntool [options]\n"""\n    return ar|'  # text at column 0
+    assert complete(code)[0] == ("argv", "param")
 
 
 def test_code_the_parser_warns_about_is_read_and_warns_nobody():
@@ -904,7 +912,20 @@ async def test_autocomplete_refuses_huge_code(aiohttp_client):
 
 
 def test_a_modules_own_dunders():
-    assert labels("if __na|")[0] == "__name__"
+    assert labels("if __na|")[0] == "__name__" and labels("__al|")[0] == "__all__"
+
+
+def test_a_class_longer_than_what_is_read_after_the_cursor_is_read_up_to_a_method():
+    method = "    def m{}(self):\n        try:\n            pass\n        except OSError:\n            raise\n"
+    code = "class Big:\n    def first(self):\n        total = 1\n        return tot|\n" \
+        + "        totals = 2\n" * 5  # the text read ends after an `except ...:`, mid-statement
+    found = complete(code + "".join(method.format(i) for i in range(400)))
+    assert ("totals", "local") in found  # read up to the last method it holds: the class parses
+
+
+def test_a_window_begun_inside_a_long_docstring_starts_at_the_next_definition():
+    code = 'def first():\n    """' + "text line\n" * 7000 + '    """\n\n\ndef second(value):\n'
+    assert complete(code + '    """Doc."""\n    return val|')[0] == ("value", "param")
 
 
 async def test_a_huge_text_to_complete_does_not_stall_the_server(aiohttp_client):
