@@ -886,16 +886,16 @@ class _Parse:
     known: dict  #: _bindings() by id(scope); the tree's, of every block's top level
 
     def path(self) -> list[ast.AST]:
-        """The nodes that hold the cursor, outermost first, the module included."""
-        chain, node, at = [self.tree], self.tree, (self.row, self.col)
-        while True:
-            for child in ast.iter_child_nodes(node):
-                if getattr(child, "lineno", None) and (child.lineno - 1, child.col_offset) \
-                        <= at <= (child.end_lineno - 1, child.end_col_offset):
-                    chain.append(node := child)
-                    break
-            else:  # a keyword argument's value held as its call's
-                return [n for n in chain if not isinstance(n, ast.keyword)]
+        """The nodes that hold the cursor, outermost first, from the module; looked into, not kept:
+        those with no place (a withitem) and keywords. Siblings that claim it kept (3.11's f"")."""
+        chain, todo, at = [self.tree], [self.tree], (self.row, self.col)
+        for node in todo:
+            placed = hasattr(node, "lineno")
+            if not placed or (node.lineno - 1, node.col_offset) <= at \
+                    <= (node.end_lineno - 1, node.end_col_offset):
+                todo += ast.iter_child_nodes(node)
+                chain += [node] * (placed and type(node) is not ast.keyword)
+        return chain
 
     def scopes(self) -> list[ast.AST]:
         """The scopes that hold the cursor, outermost first, the module included."""
@@ -916,11 +916,10 @@ def suggest(code: str, cursor: int, language: str = "python",
     lo = cursor - len("\n".join(code[lo:cursor].split("\n")[-SUGGEST_BEFORE[1]:]))
     top = lo and _TOP_DEFINITION.search(code, lo, cursor)  # not in a string or a class's middle
     lo = top.start() if top else (code.find("\n", lo, cursor) + 1 or lo) if lo else 0
-    hi = cursor + SUGGEST_AFTER[0]
-    hi = max(code.rfind("\n", cursor, hi), cursor) if hi < len(code) else len(code)
-    hi = cursor + len("\n".join(code[cursor:hi].split("\n")[:SUGGEST_AFTER[1]]))
-    ends = [m.start() for m in _DEFINITION.finditer(code, cursor, hi)] if hi < len(code) else []
-    hi = ends[-1] if ends else hi  # before a definition, not in a statement's middle
+    after = code[cursor:cursor + SUGGEST_AFTER[0]].split("\n")[:SUGGEST_AFTER[1]]
+    hi = cursor + len("\n".join(after))  # if the text goes on: before its last definition read
+    ends = [m.start() for m in _DEFINITION.finditer(code, cursor, hi)] or [code.rfind("\n", 0, hi)]
+    hi = max(ends[-1], cursor) if hi < len(code) else hi  # (not mid-statement), else a line's end
     answer = _suggest(code[lo:hi], cursor - lo, language, modules, code.count("\n", 0, lo))
     return {"suggestions": answer[0], "from": answer[1] + lo, "to": cursor}
 
@@ -951,7 +950,7 @@ def _suggest(code: str, cursor: int, language: str, modules: Callable[[str], dic
         found = members + [(w, "attribute", None, 1000 if members else 6) for w in after] \
             + [(n, "method", None, 7) for n in _TYPE_METHODS if not members]
     else:  # the text's words last (what no parse bound), those only seen after a dot after all
-        found = _parameters(parse, statement, name) + _names(parse) \
+        found = _parameters(parse, statement, name, modules) + _names(parse) \
             + [(b, "builtin", None, _COMMON.get(b, 8)) for b in _BUILTINS] \
             + [(d, "global", "a module's", 7) for d in _DUNDERS] \
             + _keywords(before, whole and not inside, code, start) \
@@ -1147,6 +1146,7 @@ def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: i
     indent = re.match(r"\s*", lines[row]).group()
     close = "".join(reversed(closers))  # then `**` for `f(a=1, |`: a positional would not parse
     variants = [(head + _CURSOR + close, col), (head + "**" + _CURSOR + close, col + 2),
+                (head + _CURSOR + close + ": pass", col),  # a header with no body yet
                 (indent + _CURSOR, len(indent)), (indent + "pass", len(indent))]
     for line, at in [(head + _CURSOR + tail, col)] * bool(tail.strip()) + variants:
         for stop in (end, row + 1):  # then without the block's lines after the cursor
@@ -1241,18 +1241,20 @@ def _bindings(scope: ast.AST, first: int = 0) -> dict[str, tuple[str, str | None
     return found
 
 
-def _parameters(parse: _Parse, call: ast.AST, name: ast.AST) -> list[Suggestion]:
-    """In f(|), f a function, class or method the code defines: its keyword parameters, `name=`.
-    In `def f(|`, the parameter being named: the names its body uses but nothing binds."""
-    if isinstance(name, _DEFS[:2]) and _CURSOR in [a.arg for a in ast.walk(name.args)
-                                                      if isinstance(a, ast.arg)]:
-        known = {*parse.bound(name), *parse.bound(parse.tree), *dir(builtins)}
-        return [(n.id, "param", None, -1000) for n in ast.walk(name)
+def _parameters(parse: _Parse, call: ast.AST, name: ast.AST, modules: Callable) -> list:
+    """In f(|), f a function, class or method the code defines or the standard library's: its
+    keyword parameters, `name=`. In `def f(|`, the one being named: names its body uses unbound."""
+    if getattr(name, "arg", None) == _CURSOR:  # and `call` is the def
+        known = {*parse.bound(call), *parse.bound(parse.tree), *dir(builtins)}
+        return [(n.id, "param", None, -1000) for n in ast.walk(call)
                 if isinstance(n, ast.Name) and n.id not in known]
     given = [*call.args, *(k.value for k in call.keywords if not k.arg)] \
         if isinstance(call, ast.Call) else []  # f(a, |) or f(a=1, **|)
-    call = call if name in given else None
-    node = call and _made_of(parse, call.func, set())
+    node = _made_of(parse, call.func, set()) if name in given else None
+    if isinstance(node, str):  # the standard library's: the parameters its signature names
+        owner, _, attr = node.rpartition(".")
+        named = re.findall(r"[(,] ?(\w+)=", modules(owner).get(attr, (0, ""))[1] or "")
+        return [(f"{n}=", "param", f"param of {attr}", 0) for n in named]
     if isinstance(node, ast.ClassDef):  # its __init__'s
         node = parse.bound(node).get("__init__", (0, 0, [None]))[2][0]
     if not isinstance(node, _DEFS[:2]):

@@ -693,6 +693,13 @@ async def test_members_of_literals_builtins_and_standard_library_classes(server)
     assert "fileno" in await suggested(server, code)  # both bases have it, one's with no signature
 
 
+async def test_keyword_parameters_of_standard_library_functions_and_classes(server):
+    assert (await suggested(server, "with open('f', en|"))[0] == "encoding="
+    assert (await suggested(server, "print('x', e|"))[0] == "end="
+    assert (await suggested(server, "import threading\nthreading.Thread(ta|"))[0] == "target="
+    assert (await suggested(server, "import zlib\nzlib.|"))[:1] != []  # posix, zlib: learned too
+
+
 async def suggested(server, code: str) -> list[str]:
     """The labels POST /autocomplete suggests where the | is."""
     resp = await server.post("/autocomplete", json={"code": code.replace("|", "", 1),
@@ -815,6 +822,8 @@ def test_keyword_parameters_inside_a_call():
     # after a keyword argument a name alone would not parse: the call is read all the same
     assert labels(code + "connect('x', port=1, t|")[:2] == ["timeout=", "tries"]
     assert labels(code + "options = {'a': 1, tr|")[0] == "tries"  # in a dict's keys, likewise
+    assert labels(code + "with connect('x', t|")[0] == "timeout="  # a header with no body yet
+    assert labels(code + "hosts = [h for h in connect('x', t|)]")[0] == "timeout="  # comprehension
 
 
 def test_a_parameter_being_named_is_a_name_the_body_uses_that_nothing_binds():

@@ -8,14 +8,15 @@ try:
 except ImportError:  # a class in a module
     module, _, attribute = name.rpartition(".")
     target = getattr(importlib.import_module(module), attribute)
-names = vars(target) if inspect.ismodule(target) else {n: getattr(target, n, None) for n in dir(target)}
+names = dict(vars(target)) if inspect.ismodule(target) else {n: getattr(target, n, None) for n in dir(target)}
 for name, value in names.items():
     kind = "import" if inspect.ismodule(value) else "class" if isinstance(value, type) \
         else "function" if callable(value) else "attribute"
     kind = "method" if kind == "function" and isinstance(target, type) else kind
     try:
-        detail = f"def {name}{inspect.signature(value)}"[:100] if kind in ("function", "method") else None
-    except (TypeError, ValueError):
+        word = "def" if kind in ("function", "method") else "class" if kind == "class" else None
+        detail = word and f"{word} {name}{inspect.signature(value)}"[:300]  # keyword parameters too
+    except Exception:  # no signature to tell (or it fails to make one)
         detail = None
     if not name.startswith("_"):
         out[name] = (kind, detail)
