@@ -1124,7 +1124,7 @@ def _parse_block(first: int, text: str, deadline: float) -> dict:
     that fails); {} uncached once past the deadline."""
     if (known := _PARSED.get((first, text))) is not None:
         return known
-    body, bad = _mend(text, -1, deadline) if time.thread_time() <= deadline else (None, -2)
+    body, bad = _mend(text, -1, deadline)
     if bad == -2:
         return {}
     bound = _bindings(ast.Module(body=body or [], type_ignores=[]), first)
@@ -1134,8 +1134,9 @@ def _parse_block(first: int, text: str, deadline: float) -> dict:
 
 def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: int,
                         deadline: float) -> tuple[list, int]:
-    """The cursor's block, with its line cut at the cursor: first keeping the
-    rest of the line, then with open brackets closed, then just the name, then `pass`."""
+    """The cursor's block, its line cut at the cursor: first keeping the rest of the line, then with
+    open brackets closed (then `**` before the name in a call or dict: after a keyword argument a
+    name alone does not parse; `: pass` after a header with no body yet), then the name, `pass`."""
     head, tail = lines[row][:col], re.sub(r"^\w*", "", lines[row][col:])
     closers = []  # a stack: the last opened (on this line or one above) is closed first
     for c in re.findall(r"(?:%s)|([][(){}])" % _NOT_CODE, "\n".join(lines[first:row] + [head])):
@@ -1144,11 +1145,11 @@ def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: i
         elif closers and c == closers[-1]:
             closers.pop()
     indent = re.match(r"\s*", lines[row]).group()
-    close = "".join(reversed(closers))  # then `**` for `f(a=1, |`: a positional would not parse
-    variants = [(head + _CURSOR + close, col), (head + "**" + _CURSOR + close, col + 2),
-                (head + _CURSOR + close + ": pass", col),  # a header with no body yet
-                (indent + _CURSOR, len(indent)), (indent + "pass", len(indent))]
-    for line, at in [(head + _CURSOR + tail, col)] * bool(tail.strip()) + variants:
+    close = "".join(reversed(closers))
+    mark, pass_ = "**" * (close[:1] in (")", "}")), ": pass" * bool(_HEADER.match(head + ":"))
+    variants = [(head + m + _CURSOR + close + p, col + len(m)) for m, p in [("", ""), (mark, ""),
+                ("", pass_)]] + [(indent + _CURSOR, len(indent)), (indent + "pass", len(indent))]
+    for line, at in dict.fromkeys([(head + _CURSOR + tail, col)] * bool(tail.strip()) + variants):
         for stop in (end, row + 1):  # then without the block's lines after the cursor
             text = "\n".join(lines[first:row] + [line] + lines[row + 1:stop])
             body, bad = _mend(text, row - first, deadline)
@@ -1164,8 +1165,8 @@ def _mend(text: str, keep: int, deadline: float) -> tuple[list[ast.stmt] | None,
     line made `pass`, then blank; line `keep` only by a colon). Returns the statements (lines
     counted from the block's first), or None and the line it gave up on (-2: past the deadline)."""
     lines, patched, bad = text.split("\n"), set(), -1
-    for attempt in range(8):
-        if attempt and time.thread_time() > deadline:
+    for _ in range(8):
+        if time.thread_time() > deadline:
             return None, -2
         try:
             with warnings.catch_warnings(action="ignore"):  # 3.12 prints `"\d"` at each parse
@@ -1248,9 +1249,8 @@ def _parameters(parse: _Parse, call: ast.AST, name: ast.AST, modules: Callable) 
         known = {*parse.bound(call), *parse.bound(parse.tree), *dir(builtins)}
         return [(n.id, "param", None, -1000) for n in ast.walk(call)
                 if isinstance(n, ast.Name) and n.id not in known]
-    given = [*call.args, *(k.value for k in call.keywords if not k.arg)] \
-        if isinstance(call, ast.Call) else []  # f(a, |) or f(a=1, **|)
-    node = _made_of(parse, call.func, set()) if name in given else None
+    given = isinstance(call, ast.Call) and call.args + [k.value for k in call.keywords if not k.arg]
+    node = _made_of(parse, call.func, set()) if given and name in given else None  # f(a=1, **|)
     if isinstance(node, str):  # the standard library's: the parameters its signature names
         owner, _, attr = node.rpartition(".")
         named = re.findall(r"[(,] ?(\w+)=", modules(owner).get(attr, (0, ""))[1] or "")
