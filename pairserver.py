@@ -441,9 +441,9 @@ class Client:
     ws: web.WebSocketResponse | None = None
     transport: asyncio.Transport | None = None
     wants_code: bool = False           #: wants the whole text in every code_update
-    cursor: dict | None = None
     send_queue: int = 4 << 20
     color: int = 0                     #: the smallest not taken in the room when it joined
+    cursor: dict | None = None
 
     def send(self, frame: bytes) -> None:
         """Queue one frame made by _frame()."""
@@ -955,7 +955,8 @@ def _suggest(code: str, cursor: int, language: str, modules: Callable[[str], dic
             + [(d, "global", "a module's", 7) for d in _DUNDERS] \
             + _keywords(before, whole and not inside, code, start) \
             + [(w, "word", None, 12 if plain else 40) for w, plain in words.items()]
-    return _rank(found, prefix, near), start
+    named = re.fullmatch(r"\s*(?:self\.)?_*(\w+?)_*\s*=\s*[\w.]*", before) if whole else None
+    return _rank(found, prefix, near, named and named[1].lower()), start
 
 
 #: Keywords after a complete expression, starting a statement (most used first), values.
@@ -1014,9 +1015,9 @@ def _blocks_around(code: str, end: int, indent: int) -> tuple[list[str], str]:
     return heads, previous or ""
 
 
-def _rank(found: list[Suggestion], prefix: str, near: dict[str, float]) -> list[dict]:
-    """Best first, by match to the prefix, use near the cursor and scope, then the shorter (the
-    more used, as a rule); 50, each once."""
+def _rank(found: list[Suggestion], prefix: str, near: dict, like: str | None) -> list[dict]:
+    """By match to the prefix, use near the cursor (`x = |` counts names holding x as used:
+    `info = get_info()`), scope, then the shorter (the more used, as a rule); 50, each once."""
     lower, ranked = prefix.lower(), []
     for label, kind, detail, scope in found:
         name = label.rstrip("=")
@@ -1027,6 +1028,7 @@ def _rank(found: list[Suggestion], prefix: str, near: dict[str, float]) -> list[
         if match is not None:
             used = max(near.get(name, 0), near.get(name.lstrip("_"), 0))  # `_x` is near if `x` is
             used /= 3 if kind in ("word", "keyword") else 1
+            used += 20 * bool(like and like in name.lower() and like != name.lower().strip("_"))
             ranked.append(((match, name == label, scope - used, len(name)), label, kind, detail))
     best: dict[str, dict] = {}  # each label once, where it ranks best
     for _, label, kind, detail in sorted(ranked, key=lambda r: r[:2]):  # a detail may be None
@@ -1146,10 +1148,11 @@ def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: i
             closers.pop()
     indent = re.match(r"\s*", lines[row]).group()
     close = "".join(reversed(closers))
+    tail = tail if tail.strip() else "," * bool(close)  # else in brackets the next lines may go on
     mark, pass_ = "**" * (close[:1] in (")", "}")), ": pass" * bool(_HEADER.match(head + ":"))
     variants = [(head + m + _CURSOR + close + p, col + len(m)) for m, p in [("", ""), (mark, ""),
                 ("", pass_)]] + [(indent + _CURSOR, len(indent)), (indent + "pass", len(indent))]
-    for line, at in dict.fromkeys([(head + _CURSOR + tail, col)] * bool(tail.strip()) + variants):
+    for line, at in dict.fromkeys([(head + _CURSOR + tail, col)] + variants):
         for stop in (end, row + 1):  # then without the block's lines after the cursor
             text = "\n".join(lines[first:row] + [line] + lines[row + 1:stop])
             body, bad = _mend(text, row - first, deadline)
@@ -1368,8 +1371,7 @@ class ModuleNames:
         if not standard or name in ("antigravity", "this"):  # imported for what importing does
             return {}
         for i in range(1, len(parts) + 1):  # only modules their package lists: a bounded set
-            known = self._known.get(".".join(parts[:i]))
-            if known is None:
+            if (known := self._known.get(".".join(parts[:i]))) is None:
                 raise Unlearned(".".join(parts[:i]))
             if i < len(parts) and known.get(parts[i], ("",))[0] not in ("import", "class"):
                 return {}
@@ -1745,10 +1747,9 @@ def _limit_child(config: Config, cgroups: list[Path]) -> None:
     so under the run's RLIMIT_NOFILE it could open no file.)"""
     for group in cgroups:
         (group / "cgroup.procs").write_text(str(os.getpid()))
-    cpu = int(config.max_timeout) + 1
-    for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_DATA, config.max_memory),
-                         (resource.RLIMIT_FSIZE, config.max_file), (resource.RLIMIT_NOFILE, 256),
-                         (resource.RLIMIT_CORE, 0)):
+    for limit, value in ((resource.RLIMIT_CPU, int(config.max_timeout) + 1),
+                         (resource.RLIMIT_DATA, config.max_memory), (resource.RLIMIT_CORE, 0),
+                         (resource.RLIMIT_FSIZE, config.max_file), (resource.RLIMIT_NOFILE, 256)):
         resource.setrlimit(limit, (value, value))
     if not cgroups and os.getuid() != 0:  # per-uid and shared, so only as a last resort
         resource.setrlimit(resource.RLIMIT_NPROC, (config.max_procs * 8,) * 2)
@@ -2164,8 +2165,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     wants_code = request.query.get("full") in ("1", "true")  # the whole text in every code_update
     taken = {c.color for c in room.clients.values()}
     color = old.color if old else next(i for i in itertools.count() if i not in taken)
-    client = Client(client_id, name, ws, request.transport, wants_code, None, config.send_queue,
-                    color)
+    client = Client(client_id, name, ws, request.transport, wants_code, config.send_queue, color)
     room.clients[client_id] = client
     if old is not None:  # a reconnecting tab takes its place back; the others see no leave/join
         client.cursor = old.cursor
