@@ -766,8 +766,7 @@ class Store:
 
 def _numbered(query: str) -> str:
     """SQLite's ? placeholders as PostgreSQL's $1, $2, ..."""
-    numbers = itertools.count(1)
-    return re.sub(r"\?", lambda _: f"${next(numbers)}", query)
+    return re.sub(r"\?", lambda _, numbers=itertools.count(1): f"${next(numbers)}", query)
 
 
 async def _keep(rooms: Rooms, store: Store | None, stop: asyncio.Event, config: Config) -> None:
@@ -853,9 +852,9 @@ LEARN_TIMEOUT = 5.0
 
 Suggestion = tuple  # (label, kind, detail, scope): scope 0 is the innermost
 #: Comments and strings: a triple-quoted one whole, others within their line, `\'` in them.
-_NOT_CODE = r"#.*|'''[\s\S]*?'''|" r'"""[\s\S]*?"""|' r"'(?:\\.|[^\\'\n])*'|" r'"(?:\\.|[^\\"\n])*"'
-#: Code's words, each with the dot before it if any; findall() gives ("", "") for comments, strings.
-_CODE_WORD = re.compile(r"(?:%s)|(\.?)([A-Za-z_]\w*)" % _NOT_CODE)
+_NOT_CODE = r"#.*|'''[\s\S]*?'''|" r'"""[\s\S]*?"""|' r"'[^'\\\n]*(?:\\.[^'\\\n]*)*'|" \
+    r'"[^"\\\n]*(?:\\.[^"\\\n]*)*"'
+_CODE_WORD = re.compile(r"(?:%s)|(\.?)([A-Za-z_]\w*)" % _NOT_CODE)  #: words: (".", w) or ("", w)
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef,
            ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 _PAIRS = {"(": ")", "[": "]", "{": "}"}
@@ -918,8 +917,8 @@ def suggest(code: str, cursor: int, language: str = "python",
     lo = top.start() if top else (code.find("\n", lo, cursor) + 1 or lo) if lo else 0
     after = code[cursor:cursor + SUGGEST_AFTER[0]].split("\n")[:SUGGEST_AFTER[1]]
     hi = cursor + len("\n".join(after))  # if the text goes on: before its last definition read
-    ends = [m.start() for m in _DEFINITION.finditer(code, cursor, hi)] or [code.rfind("\n", 0, hi)]
-    hi = max(ends[-1], cursor) if hi < len(code) else hi  # (not mid-statement), else a line's end
+    ends = [m.start() for m in _DEFINITION.finditer(code, cursor, hi)] if hi < len(code) else [hi]
+    hi = max((ends or [code.rfind("\n", 0, hi)])[-1], cursor)  # (not mid-statement), or a line end
     answer = _suggest(code[lo:hi], cursor - lo, language, modules, code.count("\n", 0, lo))
     return {"suggestions": answer[0], "from": answer[1] + lo, "to": cursor}
 
@@ -955,6 +954,8 @@ def _suggest(code: str, cursor: int, language: str, modules: Callable[[str], dic
             + [(d, "global", "a module's", 7) for d in _DUNDERS] \
             + _keywords(before, whole and not inside, code, start) \
             + [(w, "word", None, 12 if plain else 40) for w, plain in words.items()]
+        own = getattr(statement, "name", 0) or getattr(getattr(statement, "target", 0), "id", 0)
+        found = [f for f in found if f[0] != own]  # not `class X(X`, `for x in x`, `except x as x`
     named = re.fullmatch(r"\s*(?:self\.)?_*(\w+?)_*\s*=\s*[\w.]*", before) if whole else None
     return _rank(found, prefix, near, named and named[1].lower()), start
 
@@ -1095,7 +1096,7 @@ def _blocks(lines: list[str]) -> list[int]:
         if top and (not quoted and (_DEFINES.match(line) or _DEFINES.match(lines[starts[-1]]))
                     or i - starts[-1] > 200):  # a definition begins or ends, or the lines grow many
             starts.append(i)
-        quoted ^= (line.count('"""') + line.count("'''")) % 2 == 1
+        quoted ^= ("''" in line or '""' in line) and (line.count('"""') + line.count("'''")) & 1
     return starts
 
 
@@ -1111,8 +1112,7 @@ class _Memo:
         return self.items.get(key, (None,))[0]
 
     def put(self, key: Any, value: Any, weight: int) -> None:
-        if key in self.items:
-            self.size -= self.items.pop(key)[1]
+        self.size -= self.items.pop(key, (None, 0))[1]
         self.items[key], self.size = (value, weight), self.size + weight
         while self.size > self.limit:
             self.size -= self.items.popitem(last=False)[1][1]
@@ -1136,9 +1136,9 @@ def _parse_block(first: int, text: str, deadline: float) -> dict:
 
 def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: int,
                         deadline: float) -> tuple[list, int]:
-    """The cursor's block, its line cut at the cursor: first keeping the rest of the line, then with
-    open brackets closed (then `**` before the name in a call or dict: after a keyword argument a
-    name alone does not parse; `: pass` after a header with no body yet), then the name, `pass`."""
+    """The cursor's block, its line cut at the cursor: first with the rest of the line (in brackets
+    at a line's end, a comma), then open brackets closed (then with `**` before the name in a call
+    or dict: after a keyword argument a name alone does not parse), the name alone, `pass`."""
     head, tail = lines[row][:col], re.sub(r"^\w*", "", lines[row][col:])
     closers = []  # a stack: the last opened (on this line or one above) is closed first
     for c in re.findall(r"(?:%s)|([][(){}])" % _NOT_CODE, "\n".join(lines[first:row] + [head])):
@@ -1149,9 +1149,9 @@ def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: i
     indent = re.match(r"\s*", lines[row]).group()
     close = "".join(reversed(closers))
     tail = tail if tail.strip() else "," * bool(close)  # else in brackets the next lines may go on
-    mark, pass_ = "**" * (close[:1] in (")", "}")), ": pass" * bool(_HEADER.match(head + ":"))
-    variants = [(head + m + _CURSOR + close + p, col + len(m)) for m, p in [("", ""), (mark, ""),
-                ("", pass_)]] + [(indent + _CURSOR, len(indent)), (indent + "pass", len(indent))]
+    mark = "**" * (close[:1] in (")", "}"))  # each variant once: with no `**` the same as the first
+    variants = [(head + _CURSOR + close, col), (head + mark + _CURSOR + close, col + len(mark)),
+                (indent + _CURSOR, len(indent)), (indent + "pass", len(indent))]
     for line, at in dict.fromkeys([(head + _CURSOR + tail, col)] + variants):
         for stop in (end, row + 1):  # then without the block's lines after the cursor
             text = "\n".join(lines[first:row] + [line] + lines[row + 1:stop])
@@ -1164,23 +1164,23 @@ def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: i
 
 
 def _mend(text: str, keep: int, deadline: float) -> tuple[list[ast.stmt] | None, int]:
-    """Parse a block's text, mending each line that breaks it (a missing colon added, else the
-    line made `pass`, then blank; line `keep` only by a colon). Returns the statements (lines
-    counted from the block's first), or None and the line it gave up on (-2: past the deadline)."""
+    """Parse a block's text, mending each line that breaks it (a missing colon added, ` pass` after
+    a header with no body, else the line made `pass`, then blank; line `keep` only by the first
+    two). The statements (lines from the block's first), or None and the line it gave up on."""
     lines, patched, bad = text.split("\n"), set(), -1
     for _ in range(8):
         if time.thread_time() > deadline:
-            return None, -2
+            return None, -2  # past the deadline
         try:
             with warnings.catch_warnings(action="ignore"):  # 3.12 prints `"\d"` at each parse
                 return ast.parse("\n".join(lines)).body, -1
         except SyntaxError as e:
-            bad, colon = (e.lineno or 1) - 1, "expected ':'" in e.msg
-            kept_line_broken = bad == keep and (not colon or bad in patched)
-            if bad >= len(lines) or kept_line_broken:
+            header = re.match(r"expected an indented block after .* line (\d+)", e.msg)
+            bad, colon = (int(header[1]) if header else e.lineno or 1) - 1, "expected ':'" in e.msg
+            if bad >= len(lines) or bad == keep and not (header or colon and bad not in patched):
                 return None, bad
-            lines[bad] = lines[bad] + ":" if colon else "" if bad in patched \
-                else re.match(r"\s*", lines[bad]).group() + "pass"
+            lines[bad] = lines[bad] + " pass" if header else lines[bad] + ":" if colon \
+                else "" if bad in patched else re.match(r"\s*", lines[bad]).group() + "pass"
             patched.add(bad)
         except (ValueError, RecursionError, MemoryError):
             return None, -1

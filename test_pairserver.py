@@ -873,6 +873,8 @@ def test_ranking_prefix_case_then_fuzzy_then_nearness():
     code = ("class Pool:\n    def __init__(self, size):\n        self._|\n"
             "    def grow(self):\n        self._ready = self._total = 0\n        self._size = 1\n")
     assert labels(code)[0] == "_size"  # `_size` is used where `size` is: self._size = size
+    assert labels("class Thread:\n    pass\nclass ThreadPool(Thr|")[0] == "Thread"  # not itself
+    assert labels("def f(lines):\n    for line in l|")[0] == "lines"  # not the loop's own name
     code = "def go(get_info, gin, ginger):\n    "  # `x = |` ranks first a name holding x, else nearness
     assert labels(code + "info = g|")[0] == "get_info" and labels(code + "x = g|")[0] == "ginger"
     code = "def load(stream):\n    text = stream.getvalue()\n    return g|"  # getvalue: only after a dot
