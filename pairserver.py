@@ -1146,9 +1146,9 @@ def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: i
             closers.append(_PAIRS[c])
         elif closers and c == closers[-1]:
             closers.pop()
-    indent = re.match(r"\s*", lines[row]).group()
-    close = "".join(reversed(closers))
-    tail = tail if tail.strip() else "," * bool(close)  # else in brackets the next lines may go on
+    indent, close = re.match(r"\s*", lines[row]).group(), "".join(reversed(closers))
+    deeper = row + 1 < end and re.match(indent + r"\s+\S", lines[row + 1])  # the list goes on?
+    tail = tail if tail.strip() else "," * bool(close and deeper)  # in brackets, at the line's end
     mark = "**" * (close[:1] in (")", "}"))  # each variant once: with no `**` the same as the first
     variants = [(head + _CURSOR + close, col), (head + mark + _CURSOR + close, col + len(mark)),
                 (indent + _CURSOR, len(indent)), (indent + "pass", len(indent))]

@@ -830,6 +830,8 @@ def test_a_parameter_being_named_is_a_name_the_body_uses_that_nothing_binds():
     body = "):\n    width = default_width\n    return [i for i in items if len(i) < displaywidth]\n"
     assert labels("default_width = 80\ndef columnize(items, d|" + body)[0] == "displaywidth"
     assert labels("default_width = 80\ndef columnize(items, n=d|" + body)[0] == "default_width"
+    more = "\n             sep=' '" + body  # a signature going on over the next line: read whole
+    assert labels("default_width = 80\ndef columnize(items, d|" + more)[0] == "displaywidth"
 
 
 @pytest.mark.parametrize("code, want", [
