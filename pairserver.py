@@ -1152,7 +1152,7 @@ def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: i
     mark = "**" * (close[:1] in (")", "}"))  # each variant once: with no `**` the same as the first
     variants = [(head + _CURSOR + close, col), (head + mark + _CURSOR + close, col + len(mark)),
                 (indent + _CURSOR, len(indent)), (indent + "pass", len(indent))]
-    for line, at in dict.fromkeys([(head + _CURSOR + tail, col)] + variants):
+    for line, at in dict.fromkeys([(head + _CURSOR + tail, col)] * bool(tail) + variants):
         for stop in (end, row + 1):  # then without the block's lines after the cursor
             text = "\n".join(lines[first:row] + [line] + lines[row + 1:stop])
             body, bad = _mend(text, row - first, deadline)
