@@ -1147,7 +1147,8 @@ def _parse_cursor_block(lines: list[str], first: int, row: int, end: int, col: i
         elif closers and c == closers[-1]:
             closers.pop()
     indent, close = re.match(r"\s*", lines[row]).group(), "".join(reversed(closers))
-    deeper = row + 1 < end and re.match(indent + r"\s+\S", lines[row + 1])  # the list goes on?
+    below = lines[row + 1] if row + 1 < end else ""  # deeper than the cursor's line: goes on?
+    deeper = below[:len(indent) + 1].isspace() and below.strip()
     tail = tail if tail.strip() else "," * bool(close and deeper)  # in brackets, at the line's end
     mark = "**" * (close[:1] in (")", "}"))  # each variant once: with no `**` the same as the first
     variants = [(head + _CURSOR + close, col), (head + mark + _CURSOR + close, col + len(mark)),
@@ -1833,8 +1834,7 @@ def _kill_cgroup(group: Path) -> None:
         (group / "cgroup.kill").write_text("1")
         return
     for _ in range(3):  # v1: a fork may race the first pass
-        pids = (group / "cgroup.procs").read_text().split() if group.exists() else []
-        for pid in pids:
+        for pid in (group / "cgroup.procs").read_text().split() if group.exists() else []:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
 
