@@ -533,7 +533,9 @@ def hostile(args: argparse.Namespace) -> None:
     import sysconfig
     import pairserver
     m = 1_000_000
-    texts = {"name line": "a" * m, "name line, dot": "a" * (m - 1) + ".", "dots": "a." * (m // 2),
+    texts = {"name line": "a" * m, "underscores": "\n".join(["_" * 299] * (m // 300)),
+             "name line, dot": "a" * (m - 1) + ".",
+             "dots": "a." * (m // 2),
              "brackets": "(" * m, "newlines": "\n" * m, "x lines": "x\n" * (m // 2),
              "assignments": "value = 1\n" * (m // 10), "quotes": "'\"" * (m // 2),
              "triple quotes": "'''a" * (m // 4), "from import (": "from os import (" + "a,\n" * (m // 3),

@@ -956,8 +956,8 @@ def _suggest(code: str, cursor: int, language: str, modules: Callable[[str], dic
             + [(w, "word", None, 12 if plain else 40) for w, plain in words.items()]
         own = getattr(statement, "name", 0) or getattr(getattr(statement, "target", 0), "id", 0)
         found = [f for f in found if f[0] != own]  # not `class X(X`, `for x in x`, `except x as x`
-    named = re.fullmatch(r"\s*(?:self\.)?_*(\w+?)_*\s*=\s*[\w.]*", before) if whole else None
-    return _rank(found, prefix, near, named and named[1].lower()), start
+    named = re.fullmatch(r"\s*(?:self\.)?(\w+)\s*=\s*[\w.]*", before) if whole else None
+    return _rank(found, prefix, near, named and named[1].strip("_").lower()), start
 
 
 #: Keywords after a complete expression, starting a statement (most used first), values.
